@@ -1,0 +1,15 @@
+"""metalearn: few-shot meta-learning in PyTorch.
+
+Public surface: configs, data, models, the inner loop, algorithms and evaluation.
+"""
+from .algorithms import MAML
+from .config import Config, load_config
+from .errors import MetalearnError
+from .evaluation import EvalResult, evaluate, mean_ci95
+from .inner import inner_loop, select
+from .types import Examples, Params, TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "Config", "EvalResult", "Examples", "MetalearnError", "Params", "TaskBatch", "evaluate",
+           "inner_loop", "load_config", "mean_ci95", "select"]

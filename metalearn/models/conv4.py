@@ -1,0 +1,40 @@
+"""conv4 (Vinyals et al. 2016; Finn et al. 2017): 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2] + linear head.
+
+Parameter names read well in masks:
+    features.0.conv.weight, features.0.conv.bias, features.0.norm.weight, features.0.norm.bias, ...
+    head.weight, head.bias
+
+BatchNorm is transductive (MAML's setting): `track_running_stats=False`, so every forward
+pass, in training and at test time, normalises with the current batch's statistics and the
+model holds no mutable buffer that tasks could share.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, batchnorm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm = nn.BatchNorm2d(out_channels, track_running_stats=False) if batchnorm else nn.Identity()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.norm(self.conv(x)).relu())
+
+
+class Conv4(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28,
+                 batchnorm: bool = True):
+        super().__init__()
+        self.features = nn.Sequential(*[ConvBlock(in_channels if i == 0 else hidden, hidden, batchnorm) for i in range(4)])
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"conv4 needs images of at least 16x16 pixels, got {image_size}")
+        self.head = nn.Linear(hidden * side * side, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, C, H, W) -> logits (B, num_classes)
+        return self.head(self.features(x).flatten(1))
