@@ -1,8 +1,10 @@
 """metalearn command line.
 
-    metalearn train CONFIG.yaml [key=value ...]     meta-train, then evaluate on fixed test episodes
+    metalearn train CONFIG.yaml [key=value ...] [--resume]   meta-train, then evaluate on fixed test episodes
     metalearn eval CHECKPOINT [--split test --episodes 600 --ways 5 --shots 1 ...]
-    metalearn list                                    data sets, models, algorithms, presets
+    metalearn ablate ABLATION.yaml [--seeds 3]                run a grid of configs; table + figure of mean ± CI
+    metalearn bench CONFIG.yaml [key=value ...] [--steps 20]  time meta-training steps on synthetic images
+    metalearn list                                            data sets, models, algorithms, presets, ablations
 """
 from __future__ import annotations
 
@@ -19,10 +21,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
-    ev = summary["eval"]
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # `metalearn train key=value ...`: defaults only
+    if config is None and not overrides:
+        raise MetalearnError("train needs a preset YAML (see `metalearn list`), a run folder, or key=value overrides")
+    if config is not None and Path(config).is_dir():
+        config = str(Path(config) / "config.yaml")  # a run folder: its resolved config
+    cfg = load_config(config, overrides)
+    summary = train(cfg, resume=args.resume)
     print(f"run folder: {summary['run_dir']}")
+    if summary["interrupted"]:
+        print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
+              f"  metalearn train {Path(summary['run_dir']) / 'config.yaml'} --resume", file=sys.stderr)
+        return 130 if summary["interrupted"] == "SIGINT" else 143
+    ev = summary["eval"]
     print(f"meta-training took {summary['train_seconds']:.1f} s")
     print(f"{ev['split']} accuracy: {100 * ev['mean']:.2f} ± {100 * ev['ci95']:.2f}% (95% CI) over {ev['episodes']} "
           f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} inner steps")
@@ -40,7 +53,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models import build_model
     from .train import build_algorithm, eval_settings, resolve_device
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt_path = Path(args.checkpoint)
+    ckpt_path = ckpt_path / "checkpoint.pt" if ckpt_path.is_dir() else ckpt_path
+    ckpt = load_checkpoint(ckpt_path)
     cfg = from_dict(ckpt["config"])
     for key, value in [("split", args.split), ("episodes", args.episodes), ("ways", args.ways), ("shots", args.shots),
                        ("query_shots", args.query_shots), ("inner_steps", args.inner_steps),
@@ -51,7 +66,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg.device = args.device
     validate(cfg)
     ev = eval_settings(cfg)
-    if ev["ways"] != cfg.data.ways:
+    if ev["ways"] != cfg.data.ways and cfg.outer.algorithm != "protonet":
         raise MetalearnError(f"--ways {ev['ways']}: this checkpoint's head has {cfg.data.ways} outputs")
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
     ds, splits = open_dataset(cfg.data)
@@ -59,20 +74,119 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = build_model(cfg.model, ds.channels, cfg.data.ways, cfg.data.image_size).to(device=device, dtype=dtype)
     model.load_state_dict(ckpt["model"])
     algorithm = build_algorithm(cfg, model)
+    if ckpt.get("algorithm"):  # learned inner lrs (metasgd, mamlpp), reptile's Adam state
+        algorithm.load_state_dict(ckpt["algorithm"])
     images = ds.images.to(device)[splits[cfg.eval.split].to(device)]
     result = evaluate(algorithm, images, ways=ev["ways"], shots=ev["shots"], query_shots=ev["query_shots"],
                       episodes=cfg.eval.episodes, seed=cfg.eval.seed, inner_steps=ev["inner_steps"],
                       inner_lr=ev["inner_lr"], batch_size=cfg.eval.batch_size, split=cfg.eval.split,
-                      batchnorm=cfg.model.batchnorm, dtype=dtype, progress=not args.no_progress)
+                      batchnorm=cfg.model.batchnorm, dtype=dtype, progress=not args.no_progress,
+                        transductive=cfg.eval.transductive)
     print(result.summary())
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
+    out = Path(args.out) if args.out else ckpt_path.with_name(
         f"eval-{result.split}-{result.ways}w{result.shots}s-{result.episodes}ep.json")
-    atomic_json({"checkpoint": str(args.checkpoint), "eval": result.to_dict()}, out)
+    atomic_json({"checkpoint": str(ckpt_path), "step": ckpt["step"], "eval": result.to_dict()}, out)
     print(f"saved {out}")
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import load_ablation, run_ablation
+
+    ablation = load_ablation(args.file, seeds=args.seeds, out_dir=args.out, overrides=args.overrides)
+    runs = sum(len(c.configs) for c in ablation.cells)
+    print(f"ablation {ablation.name}: {len(ablation.cells)} cells x {args.seeds} seeds = {runs} runs")
+    if args.dry_run:
+        for cell in ablation.cells:
+            print(f"  {cell.name}: " + ", ".join(f"{k}={v}" for k, v in cell.values.items()))
+        return 0
+    report = run_ablation(ablation, progress=not args.no_progress)
+    print((Path(report["out_dir"]) / "table.md").read_text())
+    print(f"wrote {report['out_dir']}/results.json, table.md, figure.png")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Meta-training throughput of a config's algorithm on synthetic images of the data set's shape."""
+    import platform
+    import time
+
+    import torch
+
+    from ._io import atomic_json
+    from .config import load_config, to_dict
+    from .data import EpisodeSampler
+    from .models import build_model
+    from .train import build_algorithm, resolve_device, seed_everything
+
+    if args.steps < 1 or args.warmup < 0:
+        raise MetalearnError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    cfg = load_config(args.config, args.overrides)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    d = cfg.data
+    channels = 1 if d.dataset == "omniglot" else 3
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (max(4 * d.ways, 64), d.shots + d.query_shots, channels, d.image_size, d.image_size),
+                           generator=g, dtype=torch.uint8).to(device)
+    sampler = EpisodeSampler(images, d.ways, d.shots, d.query_shots, seed=cfg.seed, dtype=dtype)
+    model = build_model(cfg.model, channels, d.ways, d.image_size).to(device=device, dtype=dtype)
+    algorithm = build_algorithm(cfg, model)
+    params = [p for p in model.parameters()]
+    optimizer = (algorithm.outer_optimizer(params, cfg.outer.lr) if hasattr(algorithm, "outer_optimizer")
+                 else torch.optim.Adam(params, lr=cfg.outer.lr))
+    total = args.warmup + args.steps
+
+    def one_step(step: int) -> None:
+        batch = sampler.sample(cfg.outer.meta_batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(algorithm, "schedule"):
+            algorithm.schedule(step, total, optimizer)
+        algorithm.meta_step(batch)
+        optimizer.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(1, args.warmup + 1):
+        one_step(step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for step in range(args.warmup + 1, total + 1):
+        one_step(step)
+    sync()
+    seconds = time.perf_counter() - t0
+    result = {
+        "command": "metalearn bench " + " ".join([str(args.config), *args.overrides, "--steps", str(args.steps),
+                                                  "--warmup", str(args.warmup)]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "algorithm": cfg.outer.algorithm,
+        "images": [channels, d.image_size, d.image_size], "ways": d.ways, "shots": d.shots, "query_shots": d.query_shots,
+        "meta_batch_size": cfg.outer.meta_batch_size, "inner_steps": cfg.inner.steps, "model": to_dict(cfg)["model"],
+        "steps": args.steps, "warmup": args.warmup, "seconds": seconds,
+        "ms_per_step": 1000 * seconds / args.steps, "tasks_per_s": args.steps * cfg.outer.meta_batch_size / seconds,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+    print(f"{cfg.outer.algorithm} {d.ways}-way {d.shots}-shot, meta-batch {cfg.outer.meta_batch_size}, "
+          f"{cfg.inner.steps} inner steps, {result['device']}: {result['ms_per_step']:.1f} ms/step, "
+          f"{result['tasks_per_s']:.1f} tasks/s over {args.steps} steps")
+    if args.out:
+        atomic_json(result, Path(args.out))
+        print(f"saved {args.out}")
+    return 0
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    from .ablate import ablation_description
     from .algorithms import ALGORITHMS
     from .data import DATASETS, SPLITS
     from .models import MODELS
@@ -80,25 +194,72 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("data sets:  " + ", ".join(f"{d} (splits: {', '.join(SPLITS[d])})" for d in sorted(DATASETS)))
     print("models:     " + ", ".join(sorted(MODELS)))
     print("algorithms: " + ", ".join(sorted(ALGORITHMS)))
-    presets = sorted(Path("experiments/configs").glob("*.yaml"))
-    print("presets:    " + (", ".join(str(p) for p in presets) if presets else "(run from the repository root to see experiments/configs)"))
+    root = Path(args.root)
+    for title, folder, describe in [("presets", "experiments/configs", _first_comment),
+                                    ("ablations", "experiments/ablations", ablation_description),
+                                    ("sweeps", "experiments/sweeps", _first_comment)]:
+        files = sorted((root / folder).glob("*.yaml"))
+        print(f"{title}:" + ("" if files else f" (none under {root / folder}; run from the repository root)"))
+        for f in files:
+            print(f"  {f}  {describe(f)}".rstrip())
     return 0
 
 
+def config_reference() -> str:
+    """Every config key with its type, default and the documentation line under it in config.py."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from . import config as C
+
+    docs = {}
+    for node in ast.parse(inspect.getsource(C)).body:
+        if isinstance(node, ast.ClassDef):
+            for a, b in zip(node.body, node.body[1:]):
+                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                        and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                    docs[(node.name, a.target.id)] = " ".join(b.value.value.split())
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            doc = docs.get((cls.__name__, f.name), "")
+            lines.append(f"  {prefix}{f.name}: {f.type} = {default!r}" + (f"\n      {doc}" if doc else ""))
+
+    walk(C.Config, "")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metalearn", description="Few-shot meta-learning: train, evaluate, list.")
+    p = argparse.ArgumentParser(prog="metalearn", description="Few-shot meta-learning: train, evaluate, ablate, list.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a YAML config, then evaluate on fixed test episodes",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Meta-train from a YAML preset plus key=value overrides (e.g. outer.iterations=100 "
-                                   "inner.adapt=[head.*]). Unknown keys are errors. Writes config.yaml, metrics.jsonl, "
-                                   "checkpoint.pt and eval-<split>.json into tracking.out_dir/tracking.name.")
-    t.add_argument("config", help="YAML preset, e.g. experiments/configs/omniglot_5w1s_quick.yaml")
+                                   "'inner.adapt=[head.*]'). Unknown keys and wrong types are errors.\nWrites config.yaml, "
+                                   "run.json (git commit), metrics.jsonl, checkpoint.pt, learning_curve.png and "
+                                   "eval-<split>.json into tracking.out_dir/tracking.name.\nSIGINT/SIGTERM finish the "
+                                   "current step, save a checkpoint and exit (130/143); `--resume` continues exactly.",
+                       epilog="config keys (KEY: TYPE = DEFAULT):\n" + config_reference())
+    t.add_argument("config", nargs="?", help="YAML preset (e.g. experiments/configs/maml_omniglot_5w1s.yaml), "
+                                             "or a run folder / its config.yaml when resuming")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the preset")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in tracking.out_dir/tracking.name from its checkpoint.pt (bit-identical on "
+                        "CPU to an uninterrupted run); only tracking.*, checkpoint.*, eval.*, device and threads may "
+                        "differ from the checkpoint's config")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes; prints and saves mean ± 95%% CI")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes; prints and saves mean ± 95%% CI",
+                       description="Evaluate a checkpoint on a fixed, seeded list of episodes and save the "
+                                   "per-episode accuracies, mean and 95%% CI as JSON (next to the checkpoint unless --out).")
+    e.add_argument("checkpoint", help="checkpoint.pt or a run folder")
     e.add_argument("--split", choices=["train", "val", "test"], help="class split (default: the run's eval.split)")
     e.add_argument("--episodes", type=int, help="number of fixed episodes (default: the run's eval.episodes)")
     e.add_argument("--ways", type=int, help="N (must match the checkpoint's head)")
@@ -113,13 +274,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 
-    ls = sub.add_parser("list", help="show data sets, models, algorithms and presets")
+    a = sub.add_parser("ablate", help="run an ablation grid over seeds; markdown table and figure of mean ± 95%% CI",
+                       description="Run every cell of an ablation file (a base preset plus one or two varied keys) "
+                                   "for --seeds seeds, then write results.json, table.md and figure.png into "
+                                   "OUT/<ablation>/. Finished runs are skipped and interrupted ones resumed on a re-run.")
+    a.add_argument("file", help="ablation YAML, e.g. experiments/ablations/inner_steps.yaml")
+    a.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every cell (after the file's)")
+    a.add_argument("--seeds", type=int, default=3, help="seeds per cell: seed, seed+1, ... (default 3)")
+    a.add_argument("--out", default="runs/ablations", help="output folder (default runs/ablations)")
+    a.add_argument("--dry-run", action="store_true", help="validate every cell and list the grid; train nothing")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.set_defaults(func=_cmd_ablate)
+
+    b = sub.add_parser("bench", help="time meta-training steps of a config on synthetic images",
+                       description="Time outer steps (sample a meta-batch, meta_step, optimiser step) of the config's "
+                                   "algorithm and model on random uint8 images of the data set's shape (no data needed). "
+                                   "Prints ms/step and tasks/s; --out saves JSON with the device, torch version and shapes.")
+    b.add_argument("config", help="YAML preset")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    b.add_argument("--steps", type=int, default=20, help="timed outer steps (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed outer steps first (default 3)")
+    b.add_argument("--out", help="write the result as JSON here")
+    b.set_defaults(func=_cmd_bench)
+
+    ls = sub.add_parser("list", help="show data sets, models, algorithms, presets, ablations and sweeps")
+    ls.add_argument("--root", default=".", help="repository root holding experiments/ (default: .)")
     ls.set_defaults(func=_cmd_list)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option (argparse stops collecting positionals there)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except MetalearnError as e:

@@ -26,8 +26,18 @@ class DataConfig:
     cache_dir: str = ""
     """Where decoded uint8 tensors are cached; empty means `$METALEARN_CACHE` or ~/.cache/metalearn."""
     split: str = "maml"
-    """Class split: `maml` = seeded random 1100 train / 100 val / 423 test characters (MAML's code)."""
+    """Class split (see `metalearn list`). omniglot: `maml` = seeded random 1100/100/423 characters
+    (MAML's code), `vinyals` = 1028/172/423 (Matching/Prototypical Networks), `lake` = background /
+    evaluation alphabets (no val); mini-imagenet and tiered-imagenet: `standard`; cifar-fs: `standard`
+    (Bertinetto); fc100: `standard` (Oreshkin, by superclass); folder: `file` (data.split_file)."""
     split_seed: int = 1
+    split_file: str = ""
+    """folder data set: JSON file {"train": [class folders], "val": [...], "test": [...]}."""
+    rotation: str = "none"
+    """Rotations by 90/180/270 degrees: `none`; `classes` = each rotation is a new class (4x class pool
+    of the splits in rotation_splits); `per_task` = a random rotation per class per task (MAML's code)."""
+    rotation_splits: List[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """Which splits `rotation=classes` expands (per_task applies to the training sampler)."""
     image_size: int = 28
     ways: int = 5
     """N: classes per task."""
@@ -44,6 +54,8 @@ class ModelConfig:
     """Filters per conv layer."""
     batchnorm: str = "transductive"
     """`transductive`: BatchNorm always uses the current batch's statistics (MAML's setting); `none`: no BatchNorm."""
+    bn_steps: int = 1
+    """conv4_perstep (MAML++): rows of per-step BatchNorm weights, biases and running statistics; set to inner.steps."""
 
 
 @dataclass
@@ -61,7 +73,8 @@ class InnerConfig:
 @dataclass
 class OuterConfig:
     algorithm: str = "maml"
-    """`maml` (second order unless inner.first_order) or `fomaml` (forces first order)."""
+    """`maml` (second order unless inner.first_order), `fomaml` (forces first order), `anil`, `boil`,
+    `metasgd`, `mamlpp` (MAML++), `reptile`, `protonet` (see metalearn/algorithms/)."""
     lr: float = 1e-3
     """beta: Adam step size of the outer loop."""
     meta_batch_size: int = 32
@@ -70,11 +83,19 @@ class OuterConfig:
     """Outer steps."""
     train: List[str] = field(default_factory=lambda: ["*"])
     """Name patterns of the parameters the outer loop trains; the rest stay frozen."""
+    final_lr: Optional[float] = None
+    """reptile: epsilon at the last step (annealed linearly from outer.lr; default 0, as OpenAI);
+    mamlpp: the cosine schedule's minimum (default 0)."""
+    msl_iterations: int = 0
+    """mamlpp: outer steps over which the multi-step loss weights anneal to the final step (0 = final step only)."""
+    first_order_until: int = 0
+    """mamlpp: derivative-order annealing, first order for outer steps <= this (0 = second order throughout)."""
 
 
 @dataclass
 class EvalConfig:
     split: str = "test"
+    """Class split evaluated at the end of training: train, val or test."""
     episodes: int = 600
     """Number of fixed, enumerated evaluation episodes."""
     seed: int = 0
@@ -84,10 +105,14 @@ class EvalConfig:
     shots: Optional[int] = None
     """Defaults to data.shots."""
     query_shots: int = 15
+    """Query examples per class in evaluation episodes."""
     inner_steps: Optional[int] = None
     """Inner steps at test time; defaults to inner.steps."""
     inner_lr: Optional[float] = None
     """Inner lr at test time; defaults to inner.lr."""
+    transductive: bool = True
+    """BatchNorm at scoring time: true = the query set is one batch (its own statistics, MAML's setting);
+    false = each query example is scored in a batch with the support set only (Reptile's non-transductive)."""
     batch_size: int = 50
     """Episodes adapted together (memory knob only; results do not depend on it)."""
     val_every: int = 0
@@ -96,21 +121,50 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Log to Weights & Biases (`import wandb` happens only when true)."""
+    mode: str = "online"
+    """`online`, `offline` (write locally, `wandb sync` later) or `disabled`; the WANDB_MODE variable wins if set."""
+    project: str = "metalearn"
+    """W&B project."""
+    entity: str = ""
+    """W&B user or team; empty = your default entity."""
+    group: str = ""
+    """Groups runs in the W&B UI (`metalearn ablate` sets it to the ablation's name)."""
+    tags: List[str] = field(default_factory=list)
+    """W&B tags of the run."""
+    log_checkpoint: bool = True
+    """Upload the final checkpoint as a `model` artifact."""
+
+
+@dataclass
 class TrackingConfig:
     out_dir: str = "runs"
+    """Folder holding the run folders."""
     name: str = ""
     """Run folder name under out_dir; empty = <dataset>-<ways>w<shots>s-<timestamp>."""
     log_every: int = 10
+    """Average the training metrics over this many outer steps per logged row."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Write checkpoint.pt every N outer steps (0 = only at the end); always written at the end and on SIGINT/SIGTERM."""
 
 
 @dataclass
 class Config:
     seed: int = 0
+    """Seeds model initialisation and the training episode sampler (evaluation episodes use eval.seed)."""
     device: str = "cpu"
     """`cpu`, `cuda`, `cuda:N` or `auto`."""
     dtype: str = "float32"
+    """`float32` or `float64` for parameters and images."""
     threads: int = 0
     """torch.set_num_threads; 0 leaves torch's default."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +173,7 @@ class Config:
     outer: OuterConfig = field(default_factory=OuterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -186,15 +241,25 @@ def validate(cfg: Config) -> None:
         raise MetalearnError(f"model.name: unknown model {cfg.model.name!r}; known: {', '.join(sorted(MODELS))}")
     if cfg.model.batchnorm not in ("transductive", "none"):
         raise MetalearnError(f"model.batchnorm must be 'transductive' or 'none', got {cfg.model.batchnorm!r}")
-    if cfg.outer.algorithm not in ("maml", "fomaml"):
-        raise MetalearnError(f"outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; known: fomaml, maml")
+    from .algorithms import ALGORITHMS
+
+    if cfg.outer.algorithm not in ALGORITHMS:
+        raise MetalearnError(f"outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    for name, value in [("outer.msl_iterations", cfg.outer.msl_iterations),
+                        ("outer.first_order_until", cfg.outer.first_order_until),
+                        ("outer.final_lr", cfg.outer.final_lr)]:
+        _positive(name, value, allow_zero=True)
     if cfg.data.ways < 2:
         raise MetalearnError(f"data.ways must be >= 2, got {cfg.data.ways}")
+    if cfg.data.rotation not in ("none", "classes", "per_task"):
+        raise MetalearnError(f"data.rotation must be 'none', 'classes' or 'per_task', got {cfg.data.rotation!r}")
+    if not set(cfg.data.rotation_splits) <= {"train", "val", "test"}:
+        raise MetalearnError(f"data.rotation_splits: unknown split(s) {sorted(set(cfg.data.rotation_splits) - {'train', 'val', 'test'})}")
     if cfg.eval.ways is not None and cfg.eval.ways < 2:
         raise MetalearnError(f"eval.ways must be >= 2, got {cfg.eval.ways}")
     for name, value in [
         ("data.shots", cfg.data.shots), ("data.query_shots", cfg.data.query_shots),
-        ("data.image_size", cfg.data.image_size), ("model.hidden", cfg.model.hidden),
+        ("data.image_size", cfg.data.image_size), ("model.hidden", cfg.model.hidden), ("model.bn_steps", cfg.model.bn_steps),
         ("inner.lr", cfg.inner.lr), ("outer.lr", cfg.outer.lr),
         ("outer.meta_batch_size", cfg.outer.meta_batch_size),
         ("eval.episodes", cfg.eval.episodes), ("eval.shots", cfg.eval.shots),
@@ -206,6 +271,7 @@ def validate(cfg: Config) -> None:
     for name, value in [
         ("inner.steps", cfg.inner.steps), ("outer.iterations", cfg.outer.iterations),
         ("eval.inner_steps", cfg.eval.inner_steps), ("eval.val_every", cfg.eval.val_every),
+        ("checkpoint.every", cfg.checkpoint.every),
         ("threads", cfg.threads),
     ]:
         _positive(name, value, allow_zero=True)
@@ -217,6 +283,10 @@ def validate(cfg: Config) -> None:
         raise MetalearnError("inner.adapt is empty: name at least one parameter pattern (e.g. ['*'] or ['head.*'])")
     if not cfg.outer.train:
         raise MetalearnError("outer.train is empty: name at least one parameter pattern")
+    if cfg.tracking.wandb.mode not in ("online", "offline", "disabled"):
+        raise MetalearnError(f"tracking.wandb.mode must be online, offline or disabled, got {cfg.tracking.wandb.mode!r}")
+    if "/" in cfg.tracking.name or cfg.tracking.name in (".", ".."):
+        raise MetalearnError(f"tracking.name must be a plain folder name, got {cfg.tracking.name!r}")
     dev = cfg.device
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise MetalearnError(f"device must be cpu, cuda, cuda:N or auto, got {dev!r}")

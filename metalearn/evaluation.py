@@ -33,6 +33,9 @@ class EvalResult:
     mean: float
     ci95: float
     accuracies: List[float] = field(repr=False)
+    transductive: bool = True
+    """True: each query set scored as one batch (BatchNorm uses its statistics); False: each query
+    example scored in a batch with the support set only."""
 
     def summary(self) -> str:
         return (f"{self.split}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}% "
@@ -55,16 +58,16 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 def evaluate(algorithm, images: torch.Tensor, *, ways: int, shots: int, query_shots: int, episodes: int,
              seed: int, inner_steps: int, inner_lr: float, batch_size: int = 50, split: str = "test",
              batchnorm: str = "transductive", dtype: torch.dtype = torch.float32,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, transductive: bool = True) -> EvalResult:
     """images: uint8 (classes, per_class, C, H, W) of the split, on the evaluation device."""
     accs = []
     batches = fixed_episodes(images, ways, shots, query_shots, count=episodes, seed=seed,
                              batch_size=batch_size, split=split, dtype=dtype)
     with tqdm(total=episodes, desc=f"eval {split}", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for batch in batches:
-            accs.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr))
+            accs.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
             bar.update(batch.num_tasks)
     acc = torch.cat(accs)
     mean, ci = mean_ci95(acc)
     return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, inner_lr, seed, batchnorm,
-                      mean, ci, acc.tolist())
+                      mean, ci, acc.tolist(), transductive)

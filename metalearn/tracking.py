@@ -1,38 +1,162 @@
-"""Where metrics go: always a `metrics.jsonl` in the run folder (one JSON object per line)."""
+"""Where metrics go: always `metrics.jsonl` in the run folder; Weights & Biases when enabled.
+
+Backends share one small protocol (`log(step, metrics)`, `summary(metrics)`, `close()`);
+`Trackers` fans out to several. `import wandb` happens only inside `WandbTracker`, i.e. only
+when `tracking.wandb.enabled` is true. The stdout side (tqdm bar with loss, accuracy, tasks/s
+and ETA) lives in the training loop.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Sequence
+
+from ._io import atomic_write
+from .errors import MetalearnError
 
 
 class Tracker(Protocol):
     def log(self, step: int, metrics: Dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def summary(self, metrics: Dict[str, Any]) -> None: ...
+    def close(self, ok: bool = True) -> None: ...
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class JsonlTracker:
-    """Appends {"step": .., "time": .., **metrics} lines to `path`, flushed after each line."""
+    """Appends {"step": .., "time": .., **metrics} lines to `path`, flushed after each line.
 
-    def __init__(self, path: str | Path):
+    `keep_until=k` (resuming from a checkpoint at step k) first drops the rows of steps after k,
+    which the interrupted process wrote after its last checkpoint and the resumed run repeats.
+    """
+
+    def __init__(self, path: str | Path, keep_until: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path, tolerant=True) if r.get("step", 0) <= keep_until]
+            atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)), mode="w")
         self._f = open(self.path, "a", encoding="utf-8")
         self._t0 = time.time()
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3)}
-        for k, v in metrics.items():
-            row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        row.update({k: _clean(v) for k, v in metrics.items()})
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        pass  # the final numbers are logged as rows and saved in eval-<split>.json
+
+    def close(self, ok: bool = True) -> None:
         self._f.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+class WandbTracker:
+    """A Weights & Biases run: config, per-step metrics, summary, figures and the checkpoint artifact.
+
+    `run_id` resumes an earlier W&B run (stored in the checkpoint). WANDB_MODE, if set, wins
+    over `cfg.mode`; WANDB_DIR, if set, wins over the run folder as W&B's local directory.
+    """
+
+    def __init__(self, cfg, *, run_dir: Path, name: str, config: Dict[str, Any], run_id: Optional[str] = None):
+        try:
+            import wandb
+        except ImportError:
+            raise MetalearnError("tracking.wandb.enabled=true but wandb is not installed "
+                                 "(pip install 'metalearn[wandb]')") from None
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
+            name=name, config=config, dir=os.environ.get("WANDB_DIR") or str(run_dir),  # read per run, not once per process
+            mode=os.environ.get("WANDB_MODE") or cfg.mode, id=run_id, resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", silent=True))
+        self.id = self.run.id
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        self.run.log({k: _clean(v) for k, v in metrics.items()}, step=step)
+
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        self.run.summary.update({k: _clean(v) for k, v in metrics.items()})
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def log_checkpoint(self, path: str | Path, name: str, metadata: Dict[str, Any]) -> None:
+        art = self._wandb.Artifact(name, type="model", metadata=metadata)
+        art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def close(self, ok: bool = True) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+class Trackers:
+    """Fans every call out to several trackers; `wandb` is the W&B tracker or None."""
+
+    def __init__(self, trackers: Sequence[Tracker], wandb: Optional[WandbTracker] = None):
+        self.trackers, self.wandb = list(trackers), wandb
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.log(step, metrics)
+
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.summary(metrics)
+
+    def close(self, ok: bool = True) -> None:
+        for t in self.trackers:
+            t.close(ok)
+
+
+def read_jsonl(path: str | Path, tolerant: bool = False) -> List[dict]:
+    """Rows of a metrics.jsonl; `tolerant` skips a torn last line (a process killed mid-write)."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not tolerant:
+                    raise
+    return rows
+
+
+def plot_learning_curve(rows: List[dict], path: str | Path) -> Path:
+    """Training loss and accuracy (and validation accuracy ± 95% CI, if logged) against outer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    train = [r for r in rows if r.get("train/loss") is not None]
+    val = [r for r in rows if r.get("val/accuracy") is not None]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train query loss")
+    ax_loss.set_xlabel("outer step")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot([r["step"] for r in train], [r["train/accuracy"] for r in train], label="train query accuracy")
+    if val:
+        s = [r["step"] for r in val]
+        m = [r["val/accuracy"] for r in val]
+        c = [r.get("val/ci95") or 0.0 for r in val]
+        ax_acc.plot(s, m, marker="o", label="val accuracy")
+        ax_acc.fill_between(s, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.25)
+    ax_acc.set_xlabel("outer step")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path

@@ -84,5 +84,8 @@ def test_missing_and_malformed_data_are_clear_errors(tmp_path):
     bad.mkdir()
     (bad / "images_background.zip").write_text("<html>not a zip</html>")
     (bad / "images_evaluation.zip").write_text("<html>not a zip</html>")
+    with pytest.raises(MetalearnError, match="is an HTML page, not a zip file"):
+        Omniglot(bad)
+    (bad / "images_background.zip").write_bytes(b"PK\x03\x04 truncated garbage")
     with pytest.raises(MetalearnError, match="not a readable zip"):
         Omniglot(bad)

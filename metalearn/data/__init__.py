@@ -1,16 +1,47 @@
-"""Data sets, class splits and episode samplers."""
+"""Data sets, class splits and episode samplers.
+
+Every image data set has `.images` uint8 (classes, per_class, C, H, W), `.channels`,
+`.samples_per_class` and `.class_names`; `open_dataset(cfg.data)` returns it with its class
+split {"train": idx, "val": idx, "test": idx} (disjoint int64 class indices into `.images`).
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Dict
 
 from ..errors import MetalearnError
+from .base import ImageDataset
+from .cifar import FC100, CifarFS
+from .download import download_cifar100, download_omniglot, fetch, safe_extract
+from .folder import ImageFolder
+from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
+from .rotation import RotatedClasses
 from .sampler import EpisodeSampler, check_episode_fits, fixed_episodes
-from .splits import check_disjoint, omniglot_maml_split, seeded_split
+from .sinusoid import SinusoidSampler, fixed_sinusoid_episodes
+from .splits import check_disjoint, omniglot_lake_split, omniglot_maml_split, omniglot_vinyals_split, seeded_split
+from .tiered import TieredImageNet
 
-DATASETS = {"omniglot": Omniglot}
-SPLITS = {"omniglot": {"maml": omniglot_maml_split}}
+DATASETS = {"omniglot": Omniglot, "mini-imagenet": MiniImageNet, "tiered-imagenet": TieredImageNet,
+            "cifar-fs": CifarFS, "fc100": FC100, "folder": ImageFolder}
+
+
+def _standard(ds, seed: int):
+    return ds.standard_split()
+
+
+# data set -> split name -> fn(dataset, split_seed) -> {"train", "val", "test"} class indices
+SPLITS: Dict[str, Dict[str, Callable]] = {
+    "omniglot": {"maml": lambda ds, seed: omniglot_maml_split(seed),
+                 "vinyals": lambda ds, seed: omniglot_vinyals_split(ds.class_names),
+                 "lake": lambda ds, seed: omniglot_lake_split(ds.class_names)},
+    "mini-imagenet": {"standard": _standard},
+    "tiered-imagenet": {"standard": _standard},
+    "cifar-fs": {"standard": _standard},
+    "fc100": {"standard": _standard},
+    "folder": {"file": _standard},
+}
 
 
 def data_root(dataset: str, root: str = "") -> Path:
@@ -23,16 +54,28 @@ def data_root(dataset: str, root: str = "") -> Path:
     return Path(env).expanduser() / dataset
 
 
-def open_dataset(cfg) -> "tuple[Omniglot, dict]":
-    """(dataset, split name -> class indices) for a DataConfig; cheap: images decode on first use."""
+def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]":
+    """(dataset, split name -> class indices) for a DataConfig. Omniglot, the CSV mini-ImageNet layout
+    and image folders index cheaply and decode on first `.images`; pickle layouts load on opening.
+    data.rotation=classes returns a `RotatedClasses` view with a 4x class pool for data.rotation_splits."""
     if cfg.dataset not in DATASETS:
         raise MetalearnError(f"unknown data set {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
     splits = SPLITS[cfg.dataset]
     if cfg.split not in splits:
         raise MetalearnError(f"data.split: unknown split {cfg.split!r} for {cfg.dataset}; known: {', '.join(sorted(splits))}")
-    ds = DATASETS[cfg.dataset](data_root(cfg.dataset, cfg.root), image_size=cfg.image_size, cache_dir=cfg.cache_dir or None)
-    return ds, splits[cfg.split](cfg.split_seed)
+    root, cache = data_root(cfg.dataset, cfg.root), cfg.cache_dir or None
+    if cfg.dataset == "folder":
+        ds = ImageFolder(root, image_size=cfg.image_size, cache_dir=cache, split_file=getattr(cfg, "split_file", ""))
+    else:
+        ds = DATASETS[cfg.dataset](root, image_size=cfg.image_size, cache_dir=cache)
+    split = splits[cfg.split](ds, cfg.split_seed)
+    if getattr(cfg, "rotation", "none") == "classes":
+        ds = RotatedClasses(ds)
+        split = ds.split(split, list(cfg.rotation_splits))
+    return ds, split
 
 
-__all__ = ["DATASETS", "SPLITS", "EpisodeSampler", "Omniglot", "check_disjoint", "check_episode_fits",
-           "data_root", "fixed_episodes", "omniglot_maml_split", "open_dataset", "seeded_split"]
+__all__ = ["DATASETS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100", "ImageDataset", "ImageFolder", "MiniImageNet",
+           "Omniglot", "RotatedClasses", "SinusoidSampler", "TieredImageNet", "check_disjoint", "check_episode_fits",
+           "data_root", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes", "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split",
+           "omniglot_vinyals_split", "open_dataset", "safe_extract", "seeded_split"]

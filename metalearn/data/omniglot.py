@@ -66,6 +66,11 @@ def _list_part(part: _Part) -> Dict[str, List[str]]:
             with zipfile.ZipFile(part.path) as zf:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as e:
+            from .download import looks_like_html
+
+            if part.path.is_file() and looks_like_html(part.path):
+                raise MetalearnError(f"omniglot: {part.path} is an HTML page, not a zip file (a failed download? "
+                                     f"get {part.name}.zip from {URL})") from None
             raise MetalearnError(f"omniglot: {part.path} is not a readable zip file ({e})") from None
         for n in names:
             bits = n.split("/")

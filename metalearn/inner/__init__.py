@@ -1,5 +1,7 @@
-"""The inner loop and the masks that say which parameters it adapts."""
-from .loop import forward, inner_loop
+"""The inner loop, its update rules and learning-rate specs, and the masks that say which parameters it adapts."""
+from .loop import InnerResult, forward, inner_loop, run_inner_loop
 from .masks import select
+from .rules import Adam, AdamState, LRSpec, PerElementLR, PerStepLR, SGD, lr_of
 
-__all__ = ["forward", "inner_loop", "select"]
+__all__ = ["Adam", "AdamState", "InnerResult", "LRSpec", "PerElementLR", "PerStepLR", "SGD", "forward", "inner_loop",
+           "lr_of", "run_inner_loop", "select"]

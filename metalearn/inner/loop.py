@@ -1,18 +1,24 @@
 """The inner loop: rapid fine-tuning of selected parameters on a task's support set.
 
 Pure function over a params dict (as in torch.func's MAML example): it returns new fast
-parameters and never mutates the module or the input dict. For each step s = 1..S
+parameters and never mutates the module or the input dict. For each step s = 0..S-1
 
-    theta_s[n] = theta_{s-1}[n] - alpha * d L_support(theta_{s-1}) / d theta_{s-1}[n]   for n in `adapt`
-    theta_s[n] = theta_{s-1}[n]                                                            otherwise
+    g_s          = d L_support(theta_s) / d theta_s[n]                  for n in `adapt`
+    theta_{s+1}  = rule(theta_s, g_s, s)   (SGD: theta_s[n] - lr(n, s) * g_s[n]; or Adam)
+    theta_{s+1}[n] = theta_s[n]            for n not in `adapt` (the same tensor object)
 
 With first_order=False the graph of every step is kept (create_graph=True), so a loss on
 theta_S differentiates through the whole inner loop (second-order MAML). With
-first_order=True the inner gradients are constants: d theta_S / d theta_0 = I (FOMAML).
+first_order=True the inner gradients are constants (d theta_S / d theta_0 = I, FOMAML), but a
+learnable lr stays in the graph (Meta-SGD's first-order mode still trains alpha).
+
+`forward_fn(params, x, step)` lets a model take the step index (MAML++'s per-step BatchNorm)
+or lets ANIL run only the head on cached features; the default is `model(x)` at `params`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,22 +26,56 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..types import Examples, Params
+from .rules import SGD, LRSpec
 
 Loss = Callable[[Tensor, Tensor], Tensor]
+ForwardFn = Callable[[Params, Tensor, int], Tensor]
 
 
-def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """model(x) evaluated at `params` (names missing from params fall back to the module's own)."""
-    return functional_call(model, params, (x,), strict=False)
+def forward(model: nn.Module, params: Params, x: Tensor, **kwargs: Any) -> Tensor:
+    """model(x, **kwargs) evaluated at `params` (names missing from params fall back to the module's own)."""
+    return functional_call(model, params, (x,), kwargs or None, strict=False)
 
 
-def inner_loop(model: nn.Module, params: Params, support: Examples, *, adapt: Sequence[str], lr: float,
-               steps: int, first_order: bool = False, loss_fn: Loss = F.cross_entropy) -> Params:
-    """Adapted parameters after `steps` SGD steps on one task's support set (x (B, C, H, W), y (B,))."""
+@dataclass
+class InnerResult:
+    """params: theta_S; trajectory: [theta_1, ..., theta_S] (if asked); state: the rule's final state."""
+    params: Params
+    trajectory: List[Params]
+    state: Any
+
+
+def run_inner_loop(model: nn.Module, params: Params, support: Examples, *, adapt: Sequence[str], steps: int,
+          rule=None, lr: Optional[LRSpec] = None, state: Any = None, first_order: bool = False,
+          loss_fn: Loss = F.cross_entropy, forward_fn: Optional[ForwardFn] = None,
+          trajectory: bool = False) -> InnerResult:
+    """Run `steps` updates of `rule` (default SGD(lr)) on one task's support set (x (B, ...), y (B, ...)).
+
+    `state` is the rule's starting state (None = rule.init); it is returned, never mutated.
+    """
+    if rule is None:
+        if lr is None:
+            raise ValueError("adapt: give an lr or a rule")
+        rule = SGD(lr)
+    if forward_fn is None:
+        forward_fn = lambda p, x, s: forward(model, p, x)  # noqa: E731
+    names = list(adapt)
     fast = dict(params)
+    state = rule.init(params, names) if state is None else state
+    path: List[Params] = []
     with torch.enable_grad():
-        for _ in range(steps):
-            loss = loss_fn(forward(model, fast, support.x), support.y)
-            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
-            fast.update({n: fast[n] - lr * g for n, g in zip(adapt, grads)})
-    return fast
+        for s in range(steps):
+            loss = loss_fn(forward_fn(fast, support.x, s), support.y)
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
+            fast, state = rule.step(fast, dict(zip(names, grads)), state, s)
+            if trajectory:
+                path.append(fast)
+    return InnerResult(fast, path, state)
+
+
+def inner_loop(model: nn.Module, params: Params, support: Examples, *, adapt: Sequence[str], lr: LRSpec,
+               steps: int, first_order: bool = False, loss_fn: Loss = F.cross_entropy,
+               forward_fn: Optional[ForwardFn] = None) -> Params:
+    """Adapted parameters after `steps` SGD steps on one task's support set (x (B, C, H, W), y (B,))."""
+    return run_inner_loop(model, params, support, adapt=adapt, lr=lr, steps=steps, first_order=first_order,
+                          loss_fn=loss_fn, forward_fn=forward_fn).params

@@ -1,0 +1,117 @@
+"""Reptile.
+
+Nichol, Achiam, Schulman. "On First-Order Meta-Learning Algorithms." 2018.
+https://arxiv.org/abs/1803.02999   (code: github.com/openai/supervised-reptile)
+
+Algorithm 2 (batched): for each task i of a meta-batch of T tasks, starting from theta,
+
+    phi_i = U^k(theta)      k steps of Adam (beta1 = 0, Sec. 6) on task i's data
+    theta <- theta + epsilon * (1/T) sum_i (phi_i - theta)
+
+epsilon is annealed linearly from `outer.lr` (epsilon_0) at the first outer step to
+`final_lr` (OpenAI's meta_step_size_final, default 0) at the last:
+    epsilon_step = (1 - f) * epsilon_0 + f * epsilon_final,  f = (step - 1) / total_steps.
+
+Implementation of the outer step: `meta_step` puts (1/T) sum_i (theta - phi_i) into `.grad`
+and `outer_optimizer` is plain SGD with lr epsilon (set by `schedule`), so
+optimizer.step() computes theta - epsilon * (theta - mean phi) = the interpolation above.
+
+Adam state policy (as OpenAI's code, where the Adam slots are global variables that are not
+part of the per-task save/restore): one Adam state (v and the step count t; m = g since
+beta1 = 0) is carried on from task to task and from outer step to outer step; it is never
+reset. Evaluation starts every task from a copy of the current training state and never
+changes it (OpenAI saves and restores the full state around evaluation).
+
+Evaluation: transductive (the query set scored as one batch) or not (each query example
+scored together with the support set), Sec. 6 of the paper.
+
+Deviations: the inner loop trains on the whole support set for k full-batch steps (OpenAI
+samples mini-batches of `inner_batch_size` with replacement from a larger "train_shots"
+support set); Adam adds eps to sqrt(v_hat) (PyTorch) where TensorFlow adds eps_hat to sqrt(v).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..inner import Adam, AdamState, forward, run_inner_loop, select
+from ..types import Params, TaskBatch
+from .base import MetaLearner, metric, scored
+
+
+class Reptile(MetaLearner):
+    def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, adapt: Sequence[str] = ("*",),
+                 final_lr: float = 0.0, betas: tuple[float, float] = (0.0, 0.999), loss: str = "cross_entropy"):
+        super().__init__(model, loss=loss)
+        self.inner_lr, self.inner_steps, self.final_lr, self.betas = inner_lr, inner_steps, final_lr, betas
+        self.adapt = select([n for n, _ in model.named_parameters()], adapt, what="inner.adapt")
+        self.adam_state: Optional[AdamState] = None
+        self.initial_lr: Optional[float] = None
+
+    # --- outer loop ---------------------------------------------------------------------------
+    def outer_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        """Plain SGD with lr epsilon: theta - epsilon * (theta - mean phi)."""
+        self.initial_lr = lr
+        return torch.optim.SGD(list(params), lr=lr)
+
+    def epsilon(self, step: int, total_steps: int) -> float:
+        f = (step - 1) / total_steps
+        return (1 - f) * self.initial_lr + f * self.final_lr
+
+    def schedule(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.initial_lr is None:
+            self.initial_lr = optimizer.param_groups[0]["lr"]
+        for g in optimizer.param_groups:
+            g["lr"] = self.epsilon(step, total_steps)
+
+    # --- inner loop ---------------------------------------------------------------------------
+    def adapt_task(self, theta: Params, support, *, steps: Optional[int] = None, lr: Optional[float] = None,
+                   state: Optional[AdamState] = None) -> tuple[Params, AdamState]:
+        """phi = k Adam steps from theta on the support set; returns (phi detached, new Adam state)."""
+        params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in theta.items()}
+        res = run_inner_loop(self.model, params, support, adapt=self.adapt,
+                             steps=self.inner_steps if steps is None else steps,
+                             rule=Adam(self.inner_lr if lr is None else lr, self.betas), state=state,
+                             first_order=True, loss_fn=self.loss_fn)
+        return {n: p.detach() for n, p in res.params.items()}, res.state.detached()
+
+    def meta_step(self, batch: TaskBatch) -> Dict[str, float]:
+        """Accumulate (1/T) sum_i (theta - phi_i) into `.grad`; metrics are the query loss and
+        accuracy (or MSE) of phi_i (they play no part in the update)."""
+        params = self.params()
+        theta = {n: p.detach() for n, p in params.items()}
+        delta = {n: torch.zeros_like(p) for n, p in theta.items()}
+        total_loss, total_metric, T = 0.0, 0.0, batch.num_tasks
+        for i in range(T):
+            phi, self.adam_state = self.adapt_task(theta, batch.support.task(i), state=self.adam_state)
+            for n in self.adapt:
+                delta[n] += (theta[n] - phi[n]) / T
+            with torch.no_grad():
+                out = forward(self.model, phi, batch.query.x[i])
+                total_loss += self.loss_fn(out, batch.query.y[i]).item()
+                total_metric += metric(out, batch.query.y[i], self.loss).item()
+        for n in self.adapt:
+            p = params[n]
+            p.grad = delta[n] if p.grad is None else p.grad + delta[n]
+        return {"loss": total_loss / T, self.metric_name: total_metric / T}
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
+                       transductive: bool = True) -> Tensor:
+        """Query accuracy (or MSE) per task, (T,) float64; every task starts from the training Adam state."""
+        theta = {n: p.detach() for n, p in self.params().items()}
+        out = []
+        for i in range(batch.num_tasks):
+            state = None if self.adam_state is None else self.adam_state.detached()
+            phi, _ = self.adapt_task(theta, batch.support.task(i), steps=steps, lr=lr, state=state)
+            pred = scored(lambda x: forward(self.model, phi, x), batch.support.x[i], batch.query.x[i], transductive)
+            out.append(metric(pred, batch.query.y[i], self.loss))
+        return torch.stack(out).cpu()
+
+    def state_dict(self) -> dict:
+        return {} if self.adam_state is None else {"adam": self.adam_state.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam_state = AdamState.from_state_dict(state["adam"]) if state.get("adam") else None

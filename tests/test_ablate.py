@@ -1,0 +1,105 @@
+"""`metalearn ablate`: grid x seeds on real Omniglot (tiny), aggregation, table, figure, re-run, bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalearn.cli import main
+
+from test_checkpoint import TINY
+from test_cli import QUICK, assert_one_line_error, run_cli
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def ablation_file(tmp_path):
+    overrides = ", ".join([t for t in TINY if not t.startswith("outer.iterations")] + ["outer.iterations=4"])
+    return _write(tmp_path / "steps_fo.yaml", f"""description: tiny test grid
+base: {QUICK}
+overrides: [{overrides}]
+vary:
+  inner.first_order: [false, true]
+""")
+
+
+@pytest.mark.slow
+def test_ablate_runs_the_grid_and_aggregates_over_seeds(ablation_file, data_root, cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("METALEARN_DATA", str(data_root))
+    monkeypatch.setenv("METALEARN_CACHE", str(cache_dir))
+    out = tmp_path / "out"
+    assert main(["ablate", str(ablation_file), "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    folder = out / "steps_fo"
+    report = json.loads((folder / "results.json").read_text())
+    assert report["keys"] == ["inner.first_order"] and len(report["cells"]) == 2
+    assert [c["values"] for c in report["cells"]] == [{"inner.first_order": False}, {"inner.first_order": True}]
+    for cell in report["cells"]:
+        accs = []
+        for seed, run in enumerate(cell["runs"]):
+            saved = json.loads((Path(run["run_dir"]) / "eval-test.json").read_text())
+            cfg = torch.load(Path(run["run_dir"]) / "checkpoint.pt", weights_only=True)["config"]
+            assert cfg["seed"] == seed and cfg["inner"]["first_order"] == cell["values"]["inner.first_order"]
+            assert cfg["tracking"]["wandb"]["group"] == "steps_fo"
+            accs.append(saved["eval"]["mean"])
+        mean = sum(accs) / 2
+        sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / 1)
+        assert cell["mean"] == pytest.approx(mean, abs=1e-12)
+        assert cell["ci95"] == pytest.approx(1.96 * sd / math.sqrt(2), abs=1e-12)
+    # different seeds give different runs (else the CI over seeds would be meaningless)
+    assert report["cells"][0]["runs"][0]["accuracy"] != report["cells"][0]["runs"][1]["accuracy"]
+    table = (folder / "table.md").read_text()
+    assert "| inner.first_order | accuracy (%) | seeds | per seed (%) |" in table
+    c = report["cells"][1]
+    assert f"| true | {100 * c['mean']:.2f} ± {100 * c['ci95']:.2f} | 2 |" in table
+    assert (folder / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table in capsys.readouterr().out
+
+    # a re-run trains nothing: every run is finished
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/checkpoint.pt")}
+    assert len(stamps) == 4
+    assert main(["ablate", str(ablation_file), "--seeds", "2", "--out", str(out)]) == 0
+    assert "[1/4]" not in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in folder.glob("*/checkpoint.pt")}
+
+
+def _one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("metalearn: error:") and match in err[0], err
+
+
+def test_ablate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    bad_key = _write(tmp_path / "a.yaml", f"base: {QUICK}\nvary:\n  inner.stepz: [1, 2]\n")
+    _one_line_error(capsys, ["ablate", str(bad_key), "--out", str(out)], "inner.stepz")
+    bad_type = _write(tmp_path / "b.yaml", f"base: {QUICK}\nvary:\n  inner.steps: [1, many]\n")
+    _one_line_error(capsys, ["ablate", str(bad_type), "--out", str(out)], "inner.steps")
+    three = _write(tmp_path / "c.yaml", f"base: {QUICK}\nvary:\n  inner.steps: [1]\n  inner.lr: [1]\n  seed: [1]\n")
+    _one_line_error(capsys, ["ablate", str(three), "--out", str(out)], "one or two config keys")
+    unknown = _write(tmp_path / "d.yaml", f"base: {QUICK}\nvary:\n  inner.steps: [1]\nseeds: 3\n")
+    _one_line_error(capsys, ["ablate", str(unknown), "--out", str(out)], "unknown key 'seeds'")
+    _one_line_error(capsys, ["ablate", str(tmp_path / "none.yaml")], "ablation file not found")
+    _one_line_error(capsys, ["ablate", str(bad_key), "--seeds", "0"], "--seeds must be >= 1")
+    assert not out.exists()
+    # and through the real entry point: exit code 2, one line, no traceback
+    assert_one_line_error(run_cli("ablate", str(bad_key), "--out", str(out)), "inner.stepz")
+
+
+def test_two_key_table_and_figure(tmp_path):
+    """The 2-D grid's table rows and figure (one line per value of the second key), from a hand-made report."""
+    from metalearn.ablate import markdown_table, plot_ablation
+
+    cells = [{"values": {"inner.steps": s, "inner.adapt": a}, "mean": m, "ci95": 0.01, "seeds": 3,
+              "runs": [{"accuracy": m}] * 3}
+             for (s, a), m in zip([(1, ["*"]), (1, ["head.*"]), (3, ["*"]), (3, ["head.*"])], [0.5, 0.4, 0.6, 0.45])]
+    report = {"ablation": "x", "description": "d", "keys": ["inner.steps", "inner.adapt"], "metric": "test accuracy",
+              "cells": cells}
+    table = markdown_table(report)
+    assert "| 3 | [head.*] | 45.00 ± 1.00 | 3 | 45.00, 45.00, 45.00 |" in table
+    fig = plot_ablation(report, tmp_path / "f.png")
+    assert fig.read_bytes()[:4] == b"\x89PNG"
