@@ -1,4 +1,4 @@
-"""Short learning runs on real Omniglot 5-way 1-shot: each algorithm (but Reptile, see FLOORS), meta-trained for a few dozen
+"""Short learning runs on real Omniglot 5-way 1-shot: each algorithm (Reptile in its own test), meta-trained for a few dozen
 outer steps of a small conv4 (hidden 16, 4 tasks per step), must score clearly better on fixed
 TEST episodes than the same network before meta-training (adapted the same way), and above a
 stated absolute floor. 5-way chance is 20%.
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from metalearn.algorithms import ANIL, BOIL, MAML, MAMLPlusPlus, MetaSGD, ProtoNet
+from metalearn.algorithms import ANIL, BOIL, MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
 from metalearn.config import DataConfig
 from metalearn.data import EpisodeSampler, open_dataset
 from metalearn.evaluation import evaluate
@@ -44,9 +44,8 @@ EVAL = {"mamlpp": dict(inner_steps=2, inner_lr=0.4)}
 #   maml 24.4 -> 47.0   fomaml 24.4 -> 36.3   anil 25.4 -> 48.1   boil 24.5 -> 52.2
 #   metasgd 24.4 -> 46.9   protonet 44.7 -> 72.2 (prototypes of random conv features already
 #   beat chance)   mamlpp 36.2 -> 51.1 (2 inner steps)
-# Reptile is not here: 40 steps did not improve on its untrained accuracy (55.0 -> 54.6% with 10
-# Adam steps at test time, 543 s); the paper needs ~1e5 outer steps. Its update is tested exactly
-# in test_algorithms.py instead.
+# Reptile has its own test below: with 1-shot training tasks and 40 steps it did not improve
+# (55.0 -> 54.6%); it needs OpenAI's 10 "train shots" per class and a few hundred steps.
 FLOORS = {"maml": 0.38, "fomaml": 0.31, "anil": 0.38, "boil": 0.40, "metasgd": 0.38, "protonet": 0.60,
           "mamlpp": 0.44}
 MARGIN = 0.08
@@ -108,3 +107,30 @@ def test_sinusoid_maml_reaches_mse_below_one_after_one_step():
     after, before = mse(1), mse(0)
     print(f"\nsinusoid MAML: MSE {before:.3f} before adapting, {after:.3f} after one step")
     assert after < 1.0 and before > 2.0, (before, after)
+
+
+@pytest.mark.slow
+def test_reptile_improves_on_omniglot(omniglot_splits):
+    """Reptile as in OpenAI's run_omniglot.py (5 inner Adam steps of lr 1e-3 with beta1 = 0, meta-batch 5,
+    epsilon annealed 1 -> 0), trained on tasks with 10 shots per class (OpenAI's --train-shots 10),
+    evaluated 1-shot with 50 inner steps, transductive. Measured with the CLI (hidden 16, 300 steps,
+    100 test episodes): 44.95% untrained -> 67.88%. Here 200 steps on 50 episodes; floor 0.55 and
+    +8 points over the untrained network."""
+    torch.manual_seed(0)
+    model = Conv4(hidden=HIDDEN, num_classes=5)
+    algo = Reptile(model, inner_lr=1e-3, inner_steps=5)
+    acc = lambda: evaluate(algo, omniglot_splits["test"], ways=5, shots=1, query_shots=EVAL_QUERY,  # noqa: E731
+                           episodes=EPISODES, seed=0, batch_size=50, inner_steps=50, inner_lr=1e-3).mean
+    before = acc()
+    opt = algo.outer_optimizer(model.parameters(), 1.0)
+    sampler = EpisodeSampler(omniglot_splits["train"], 5, 10, QUERY, seed=0, split="train")
+    steps = 200
+    for step in range(1, steps + 1):
+        model.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        algo.schedule(step, steps, opt)
+        algo.meta_step(sampler.sample(5))
+        opt.step()
+    after = acc()
+    print(f"\nreptile: test accuracy {100 * before:.1f}% untrained -> {100 * after:.1f}% after {steps} steps")
+    assert after >= before + MARGIN and after >= 0.55, (before, after)

@@ -16,7 +16,7 @@ QUICK = REPO / "experiments" / "configs" / "omniglot_5w1s_quick.yaml"
 def run_cli(*args, env=None, cwd=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "metalearn", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
+                          env=full_env, cwd=cwd, timeout=900)
 
 
 def assert_one_line_error(proc, match):

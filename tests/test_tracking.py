@@ -88,11 +88,16 @@ def test_wandb_offline_run_holds_config_metrics_eval_figure_and_checkpoint(data_
                               "tracking.wandb.enabled=true", "tracking.wandb.project=ml-test",
                               "tracking.wandb.group=grp", "tracking.wandb.tags=[a,b]"])
     summary = train(cfg)
+    import wandb
+
+    wandb.teardown()  # wait until W&B's service process has written out the offline log
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
     records = wandb_records(runs[0])
     kinds = [r.WhichOneof("record_type") for r in records]
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    run_records = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run_records, f"no run record in {runs[0]} ({runs[0].stat().st_size} bytes): record types {kinds}"
+    run = run_records[0]
     assert run.project == "ml-test" and run.run_group == "grp" and list(run.tags) == ["a", "b"] and run.display_name == "wb"
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["outer"]["iterations"] == 10 and config["model"]["hidden"] == 8
