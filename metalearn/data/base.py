@@ -118,13 +118,9 @@ class ImageDataset:
 
     def _load_or_build(self) -> torch.Tensor:
         path = self.cache_path
-        if path.is_file():
-            try:
-                blob = torch.load(path, weights_only=True)
-                if blob["class_names"] == self.class_names:
-                    return blob["images"]
-            except Exception:
-                pass  # unreadable or stale cache: rebuild below
+        cached = read_cache(path, self.class_names)
+        if cached is not None:
+            return cached
         per_class = self._decode()
         if len(per_class) != len(self.class_names):
             raise MetalearnError(f"{self.name}: decoded {len(per_class)} classes, indexed {len(self.class_names)}")
@@ -135,17 +131,33 @@ class ImageDataset:
                 raise MetalearnError(f"{self.name}: class {self.class_names[i]!r} decoded {len(arr)} images, expected >= {P}")
             images[i] = resize_uint8(to_nchw(arr[:P], self.channels, f"{self.name} class {self.class_names[i]!r}"),
                                      self.image_size)
-        try:
-            atomic_torch_save({"class_names": self.class_names, "images": images}, path)
-            for stale in self.cache_dir.glob(f"{self.name}-{self.image_size}px-*.pt"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
-        except OSError as e:
-            print(f"warning: could not write the {self.name} cache {path}: {e}")
+        write_cache(path, self.class_names, images, stale=f"{self.name}-{self.image_size}px-*.pt")
         return images
 
     def standard_split(self) -> Dict[str, torch.Tensor]:
         raise MetalearnError(f"{self.name} has no standard split")
+
+
+def read_cache(path: Path, class_names: Sequence[str]) -> "torch.Tensor | None":
+    """The cached uint8 images at `path`, or None if missing, unreadable or for other classes."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception:
+        return None  # unreadable: the caller rebuilds it
+    return blob["images"] if blob.get("class_names") == list(class_names) else None
+
+
+def write_cache(path: Path, class_names: Sequence[str], images: torch.Tensor, stale: str) -> None:
+    """Atomically write the cache, then delete older caches of the same data set (glob `stale`)."""
+    try:
+        atomic_torch_save({"class_names": list(class_names), "images": images}, path)
+        for old in path.parent.glob(stale):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError as e:
+        print(f"warning: could not write the cache {path}: {e}")
 
 
 def split_by_names(dataset_name: str, class_names: Sequence[str], members: Dict[str, Sequence[str]]) -> Dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._io import atomic_torch_save
 from ..errors import MetalearnError
+from .base import default_cache_dir, read_cache, write_cache
 
 PARTS = ("images_background", "images_evaluation")
 DRAWINGS = 20
@@ -166,13 +166,9 @@ class Omniglot:
 
     def _load_or_build(self) -> torch.Tensor:
         path = self.cache_path
-        if path.is_file():
-            try:
-                blob = torch.load(path, weights_only=True)
-                if blob["class_names"] == self.class_names:
-                    return blob["images"]
-            except Exception:
-                pass  # unreadable or stale cache: rebuild below
+        cached = read_cache(path, self.class_names)
+        if cached is not None:
+            return cached
         jobs = []
         for part in self._parts:
             keys = [k for k in self.class_names if self._part_of[k] is part]
@@ -186,16 +182,6 @@ class Omniglot:
         else:
             chunks = [_decode_chunk(j) for j in jobs]
         images = torch.from_numpy(np.concatenate(chunks)).unsqueeze(2).contiguous()
-        try:
-            atomic_torch_save({"class_names": self.class_names, "images": images}, path)
-            for stale in self.cache_dir.glob(f"omniglot-{self.image_size}px-*.pt"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
-        except OSError as e:
-            print(f"warning: could not write the Omniglot cache {path}: {e}")
+        write_cache(path, self.class_names, images, stale=f"omniglot-{self.image_size}px-*.pt")
         return images
 
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("METALEARN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "metalearn"
