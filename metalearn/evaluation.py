@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +27,8 @@ class EvalResult:
     shots: int
     query_shots: int
     inner_steps: int
-    inner_lr: float
+    inner_lr: Optional[float]
+    """The scalar test-time lr; None for algorithms that adapt with their learned lrs (Meta-SGD, MAML++)."""
     seed: int
     batchnorm: str
     mean: float
@@ -69,5 +70,6 @@ def evaluate(algorithm, images: torch.Tensor, *, ways: int, shots: int, query_sh
             bar.update(batch.num_tasks)
     acc = torch.cat(accs)
     mean, ci = mean_ci95(acc)
-    return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, inner_lr, seed, batchnorm,
+    recorded_lr = None if getattr(algorithm, "learns_inner_lr", False) else inner_lr
+    return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, recorded_lr, seed, batchnorm,
                       mean, ci, acc.tolist(), transductive)

@@ -52,6 +52,8 @@ def msl_weights(steps: int, step: int, msl_iterations: int) -> Optional[List[flo
 
 
 class MAMLPlusPlus(MAML):
+    learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
+
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy", msl_iterations: int = 0,
                  first_order_until: int = 0, final_lr: float = 0.0):

@@ -32,6 +32,8 @@ from .maml import MAML
 
 
 class MetaSGD(MAML):
+    learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
+
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
