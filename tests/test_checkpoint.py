@@ -137,13 +137,9 @@ def _compare_states(a, b, where=""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["metasgd", "reptile", "mamlpp"])
-def test_interrupt_then_resume_is_exact_for_algorithms_with_state(algorithm, tiny, monkeypatch):
-    """Learned inner lrs (Meta-SGD, MAML++), schedules (MAML++, Reptile) and their optimiser state survive a
-    SIGINT at step 5 and a resume: the final checkpoint equals an uninterrupted run's, bit for bit."""
-    extra = (f"outer.algorithm={algorithm}",)
-    train(tiny("straight", *extra))
-    build = train_module.build_algorithm
+def sigint_during_step(build, n):
+    """A build_algorithm whose algorithm sends this process SIGINT during its n-th meta_step
+    (train() handles it after that step: checkpoint, stop)."""
 
     def interrupting(cfg, model):
         algo = build(cfg, model)
@@ -151,14 +147,24 @@ def test_interrupt_then_resume_is_exact_for_algorithms_with_state(algorithm, tin
 
         def step(batch):
             calls.append(1)
-            if len(calls) == 5:
-                os.kill(os.getpid(), signal.SIGINT)  # handled after this step: checkpoint, stop
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGINT)
             return meta_step(batch)
 
         algo.meta_step = step
         return algo
 
-    monkeypatch.setattr(train_module, "build_algorithm", interrupting)
+    return interrupting
+
+
+@pytest.mark.parametrize("algorithm", ["metasgd", "reptile", "mamlpp"])
+def test_interrupt_then_resume_is_exact_for_algorithms_with_state(algorithm, tiny, monkeypatch):
+    """Learned inner lrs (Meta-SGD, MAML++), schedules (MAML++, Reptile) and their optimiser state survive a
+    SIGINT at step 5 and a resume: the final checkpoint equals an uninterrupted run's, bit for bit."""
+    extra = (f"outer.algorithm={algorithm}",)
+    train(tiny("straight", *extra))
+    build = train_module.build_algorithm
+    monkeypatch.setattr(train_module, "build_algorithm", sigint_during_step(build, 5))
     part = train(tiny("resumed", *extra))
     assert part["interrupted"] == "SIGINT" and part["step"] == 5 and load_checkpoint(part["run_dir"])["step"] == 5
     monkeypatch.setattr(train_module, "build_algorithm", build)

@@ -12,7 +12,7 @@ from metalearn.config import load_config
 from metalearn.tracking import JsonlTracker, read_jsonl
 from metalearn.train import train
 
-from test_checkpoint import TINY
+from test_checkpoint import TINY, sigint_during_step
 from test_cli import QUICK, REPO
 
 
@@ -126,9 +126,6 @@ def test_wandb_offline_run_holds_config_metrics_eval_figure_and_checkpoint(data_
 def test_wandb_resume_continues_the_same_run(data_root, cache_dir, tmp_path, monkeypatch):
     """SIGINT at step 4, --resume: the W&B run id is kept (from the checkpoint) and the steps continue 5..10."""
     pytest.importorskip("wandb")
-    import os
-    import signal
-
     import metalearn.train as train_module
 
     for k, v in {"METALEARN_DATA": data_root, "METALEARN_CACHE": cache_dir, "WANDB_MODE": "offline",
@@ -136,22 +133,8 @@ def test_wandb_resume_continues_the_same_run(data_root, cache_dir, tmp_path, mon
         monkeypatch.setenv(k, str(v))
     (tmp_path / "wd").mkdir()
     build = train_module.build_algorithm
-
-    def interrupting(cfg, model):
-        algo = build(cfg, model)
-        meta_step, calls = algo.meta_step, []
-
-        def step(batch):
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGINT)
-            return meta_step(batch)
-
-        algo.meta_step = step
-        return algo
-
     cfg = load_config(QUICK, [*TINY, f"tracking.out_dir={tmp_path}", "tracking.name=r", "tracking.wandb.enabled=true"])
-    monkeypatch.setattr(train_module, "build_algorithm", interrupting)
+    monkeypatch.setattr(train_module, "build_algorithm", sigint_during_step(build, 4))
     assert train(cfg)["interrupted"] == "SIGINT"
     monkeypatch.setattr(train_module, "build_algorithm", build)
     train(cfg, resume=True)

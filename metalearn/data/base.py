@@ -66,7 +66,26 @@ def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class ImageDataset:
+class CachedImages:
+    """`.images` for a data set: loaded from `cache_path` if it holds these classes, else built once by
+    `_build()` and cached atomically (older caches of the same data set and size are removed)."""
+
+    _images: "torch.Tensor | None" = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 (classes, samples_per_class, C, S, S) in class_names order."""
+        if self._images is None:
+            path = self.cache_path
+            images = read_cache(path, self.class_names)
+            if images is None:
+                images = self._build()
+                write_cache(path, self.class_names, images, stale=f"{self.name}-{self.image_size}px-*.pt")
+            self._images = images
+        return self._images
+
+
+class ImageDataset(CachedImages):
     """Base of the image data sets: `.images` uint8 (classes, per_class, C, S, S), `.class_names`,
     `.channels`, `.samples_per_class` (the smallest class's count), `.class_counts` (before truncation)."""
 
@@ -91,7 +110,6 @@ class ImageDataset:
         if max(self.class_counts) != self.samples_per_class:
             warnings.warn(f"{self.name}: classes have {self.samples_per_class} to {max(self.class_counts)} images; "
                           f"every class is truncated to {self.samples_per_class}", stacklevel=2)
-        self._images: torch.Tensor | None = None
 
     # --- for subclasses -------------------------------------------------------------------
     def _index(self) -> Tuple[List[str], List[int]]:
@@ -109,18 +127,7 @@ class ImageDataset:
         fp = fingerprint(self._sources(), f"{self.name}-v1-{self.image_size}-{self.channels}")
         return self.cache_dir / f"{self.name}-{self.image_size}px-{fp}.pt"
 
-    @property
-    def images(self) -> torch.Tensor:
-        """uint8 (classes, samples_per_class, C, S, S) in class_names order."""
-        if self._images is None:
-            self._images = self._load_or_build()
-        return self._images
-
-    def _load_or_build(self) -> torch.Tensor:
-        path = self.cache_path
-        cached = read_cache(path, self.class_names)
-        if cached is not None:
-            return cached
+    def _build(self) -> torch.Tensor:
         per_class = self._decode()
         if len(per_class) != len(self.class_names):
             raise MetalearnError(f"{self.name}: decoded {len(per_class)} classes, indexed {len(self.class_names)}")
@@ -131,7 +138,6 @@ class ImageDataset:
                 raise MetalearnError(f"{self.name}: class {self.class_names[i]!r} decoded {len(arr)} images, expected >= {P}")
             images[i] = resize_uint8(to_nchw(arr[:P], self.channels, f"{self.name} class {self.class_names[i]!r}"),
                                      self.image_size)
-        write_cache(path, self.class_names, images, stale=f"{self.name}-{self.image_size}px-*.pt")
         return images
 
     def standard_split(self) -> Dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import MetalearnError
-from .base import default_cache_dir, read_cache, write_cache
+from .base import CachedImages, default_cache_dir
 
 PARTS = ("images_background", "images_evaluation")
 DRAWINGS = 20
@@ -126,7 +126,7 @@ def _decode_chunk(args: Tuple[str, bool, List[List[str]], int]) -> np.ndarray:
     return out
 
 
-class Omniglot:
+class Omniglot(CachedImages):
     """Index on construction (cheap, checks the structure); decode or load the cache on `.images`."""
 
     name = "omniglot"
@@ -151,24 +151,13 @@ class Omniglot:
             raise MetalearnError(f"omniglot: found {len(self.class_names)} characters under {self.root}, "
                                  f"expected {expected_characters}")
         self.samples_per_class = DRAWINGS
-        self._images: torch.Tensor | None = None
 
     @property
     def cache_path(self) -> Path:
         return self.cache_dir / f"omniglot-{self.image_size}px-{_fingerprint(self._parts, self.image_size)}.pt"
 
-    @property
-    def images(self) -> torch.Tensor:
-        """uint8 (1623, 20, 1, S, S), classes in `class_names` order."""
-        if self._images is None:
-            self._images = self._load_or_build()
-        return self._images
-
-    def _load_or_build(self) -> torch.Tensor:
-        path = self.cache_path
-        cached = read_cache(path, self.class_names)
-        if cached is not None:
-            return cached
+    def _build(self) -> torch.Tensor:
+        """Decode every drawing (in parallel over chunks of characters): uint8 (1623, 20, 1, S, S)."""
         jobs = []
         for part in self._parts:
             keys = [k for k in self.class_names if self._part_of[k] is part]
@@ -181,7 +170,5 @@ class Omniglot:
                 chunks = list(pool.map(_decode_chunk, jobs))
         else:
             chunks = [_decode_chunk(j) for j in jobs]
-        images = torch.from_numpy(np.concatenate(chunks)).unsqueeze(2).contiguous()
-        write_cache(path, self.class_names, images, stale=f"omniglot-{self.image_size}px-*.pt")
-        return images
+        return torch.from_numpy(np.concatenate(chunks)).unsqueeze(2).contiguous()
 

@@ -13,6 +13,16 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def flat_features(hidden: int, image_size: int) -> int:
+    """Size of the flattened feature map after four 2x max-pools: hidden * (image_size // 16)^2."""
+    side = image_size
+    for _ in range(4):
+        side //= 2
+    if side < 1:
+        raise ValueError(f"conv4 needs images of at least 16x16 pixels, got {image_size}")
+    return hidden * side * side
+
+
 class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, batchnorm: bool = True):
         super().__init__()
@@ -29,12 +39,7 @@ class Conv4(nn.Module):
                  batchnorm: bool = True):
         super().__init__()
         self.features = nn.Sequential(*[ConvBlock(in_channels if i == 0 else hidden, hidden, batchnorm) for i in range(4)])
-        side = image_size
-        for _ in range(4):
-            side //= 2
-        if side < 1:
-            raise ValueError(f"conv4 needs images of at least 16x16 pixels, got {image_size}")
-        self.head = nn.Linear(hidden * side * side, num_classes)
+        self.head = nn.Linear(flat_features(hidden, image_size), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, H, W) -> logits (B, num_classes)
         return self.head(self.features(x).flatten(1))

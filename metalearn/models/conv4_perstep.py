@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv4 import flat_features
+
 
 class PerStepBatchNorm2d(nn.Module):
     def __init__(self, channels: int, steps: int, eps: float = 1e-5, momentum: float = 0.1):
@@ -68,12 +70,7 @@ class Conv4PerStep(nn.Module):
         if not batchnorm:
             raise ValueError("conv4_perstep is conv4 with per-step BatchNorm; use conv4 for a model without BatchNorm")
         self.features = nn.ModuleList([PerStepBlock(in_channels if i == 0 else hidden, hidden, steps) for i in range(4)])
-        side = image_size
-        for _ in range(4):
-            side //= 2
-        if side < 1:
-            raise ValueError(f"conv4 needs images of at least 16x16 pixels, got {image_size}")
-        self.head = nn.Linear(hidden * side * side, num_classes)
+        self.head = nn.Linear(flat_features(hidden, image_size), num_classes)
 
     def forward(self, x: Tensor, step: int = 0, stats: str = "batch") -> Tensor:
         for block in self.features:
