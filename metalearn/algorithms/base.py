@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import MetalearnError
 from ..inner import forward, run_inner_loop, select
+from ..inner.batched import batched_forward, batched_inner_loop, task_losses, task_metrics
 from ..inner.rules import LRSpec
 from ..types import Examples, Params, TaskBatch
 
@@ -83,13 +84,22 @@ class MetaLearner:
 
 
 class GradientMetaLearner(MetaLearner):
-    """MAML-family learner: masks, lr spec, S inner steps, first or second order, per-task loop.
+    """MAML-family learner: masks, lr spec, S inner steps, first or second order.
 
-    Execution: a per-task loop; each task's query loss / T is backpropagated before the next
-    task is adapted, so memory holds one task's graph at a time and the accumulated gradient
-    equals the gradient of the mean. (No vmap: torch.func.vmap through BatchNorm gives a wrong
-    second-order meta-gradient.)
+    Execution (`execution`, set with `set_execution`):
+      loop     the reference: a per-task loop; each task's query loss / T is backpropagated before
+               the next task is adapted, so memory holds one task's graph at a time and the
+               accumulated gradient equals the gradient of the mean.
+      batched  all tasks (or `task_chunk` at a time) adapted at once with a task dimension
+               (metalearn/inner/batched.py): the same meta-gradient to float rounding, much less
+               per-operator overhead. Only for algorithms that keep the default inner loop
+               (SGD with a float / per-tensor / per-element lr, the plain forward) on conv4 or mlp.
+      auto     batched where supported, else loop; `execution_plan()` says which and why.
+    (No torch.func.vmap: vmap through BatchNorm gives a wrong second-order meta-gradient.)
     """
+
+    execution: str = "auto"
+    task_chunk: int = 0
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
@@ -119,12 +129,89 @@ class GradientMetaLearner(MetaLearner):
         out = self.forward_fn(fast, batch.query.x[i], max(self.inner_steps - 1, 0))
         return self.loss_fn(out, batch.query.y[i]), out
 
+    # --- execution: per-task loop or batched --------------------------------------------------
+    def set_execution(self, mode: str = "auto", task_chunk: int = 0) -> "GradientMetaLearner":
+        if mode not in ("auto", "loop", "batched"):
+            raise MetalearnError(f"execution must be auto, loop or batched, got {mode!r}")
+        if task_chunk < 0:
+            raise MetalearnError(f"task_chunk must be >= 0, got {task_chunk}")
+        self.execution, self.task_chunk = mode, task_chunk
+        if mode == "batched":
+            ok, why = self._batched_support()
+            if not ok:
+                raise MetalearnError(f"execution=batched is not available: {why}; use execution=loop or auto")
+        return self
+
+    def _batched_support(self) -> "tuple[bool, str]":
+        """(can the batched path run this algorithm and model, why not)."""
+        base = GradientMetaLearner
+        for hook in ("task_loss", "adapt_task", "forward_fn", "meta_step", "evaluate_batch"):
+            if getattr(type(self), hook) is not getattr(base, hook):
+                return False, f"{type(self).__name__} overrides {hook}"
+        if batched_forward(self.model) is None:
+            return False, f"no batched forward for model {type(self.model).__name__}"
+        return True, ""
+
+    def execution_plan(self) -> "tuple[str, str]":
+        """("loop" | "batched", a one-line reason) for the current `execution` setting.
+
+        auto picks batched on CUDA, and on CPU only for the MLP: on a CPU the per-task loop keeps
+        each task's conv activations in cache and measured faster for conv4 (benchmarks/results/
+        meta_step_cpu.json), while one small MLP per task is all per-operator overhead.
+        """
+        if self.execution == "loop":
+            return "loop", "execution=loop"
+        ok, why = self._batched_support()
+        if not ok:
+            return "loop", f"batched path unavailable ({why})"
+        chunk = f", {self.task_chunk} tasks at a time" if self.task_chunk else ""
+        if self.execution == "auto":
+            device = next(self.model.parameters()).device
+            if device.type == "cpu" and type(self.model).__name__ != "MLP":
+                return "loop", f"auto on CPU with {type(self.model).__name__}: the per-task loop is faster there"
+        return "batched", f"tasks as a batch dimension{chunk}"
+
+    def _batched(self) -> bool:
+        return self.execution_plan()[0] == "batched"
+
+    def _chunks(self, T: int) -> "list[slice]":
+        size = self.task_chunk or T
+        return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
+
+    def _batched_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
+        """meta_step with all tasks of a chunk adapted at once (see metalearn/inner/batched.py)."""
+        fwd, params, T = batched_forward(self.model), self.params(), batch.num_tasks
+        losses, metrics = [], []
+        for sl in self._chunks(T):
+            sup_x, sup_y = batch.support.x[sl], batch.support.y[sl]
+            fast = batched_inner_loop(fwd, params, sup_x, sup_y, adapt=self.adapt, lr=self.lr_spec(), steps=self.inner_steps,
+                                      first_order=self.first_order, loss=self.loss, num_tasks=sup_x.shape[0])
+            out = fwd(fast, batch.query.x[sl])
+            loss = task_losses(out, batch.query.y[sl], self.loss)  # (Tc,)
+            (loss.sum() / T).backward()
+            losses.append(loss.detach())
+            metrics.append(task_metrics(out.detach(), batch.query.y[sl], self.loss))
+        return {"loss": torch.cat(losses).double().mean().item(), self.metric_name: torch.cat(metrics).mean().item()}
+
+    def _batched_evaluate(self, batch: TaskBatch, steps: int, lr: Optional[float]) -> Tensor:
+        fwd, out = batched_forward(self.model), []
+        params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
+        for sl in self._chunks(batch.num_tasks):
+            sup_x = batch.support.x[sl]
+            fast = batched_inner_loop(fwd, params, sup_x, batch.support.y[sl], adapt=self.adapt, lr=self.lr_spec(lr),
+                                      steps=steps, first_order=True, loss=self.loss, num_tasks=sup_x.shape[0])
+            fast = {n: p.detach() for n, p in fast.items()}
+            out.append(task_metrics(fwd(fast, batch.query.x[sl]), batch.query.y[sl], self.loss))
+        return torch.cat(out).cpu()
+
     # --- the two entry points ---------------------------------------------------------------
     def meta_step(self, batch: TaskBatch) -> Dict[str, float]:
         """Accumulate the meta-gradient of the mean query loss into `.grad` (model and meta_parameters()).
 
         Returns the mean query loss and accuracy (or MSE) of the adapted models (before the outer step).
         """
+        if self._batched():
+            return self._batched_meta_step(batch)
         params = self.params()
         total_loss, total_metric, T = 0.0, 0.0, batch.num_tasks
         for i in range(T):
@@ -139,6 +226,8 @@ class GradientMetaLearner(MetaLearner):
                        transductive: bool = True) -> Tensor:
         """Query accuracy (or MSE) of each task after adapting on its support set: (T,) float64."""
         steps = self.inner_steps if steps is None else steps
+        if transductive and self._batched():
+            return self._batched_evaluate(batch, steps, lr)
         params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
         out = []
         for i in range(batch.num_tasks):

@@ -1,0 +1,281 @@
+"""Milliseconds per meta-iteration: metalearn's execution paths against learn2learn and higher,
+in one process tree, on the same data and the same initial weights, after checking that they agree.
+
+    .venv/bin/python benchmarks/bench_meta_step.py --device cpu --threads 2 --rows omniglot-5w1s-1step,sinusoid \\
+        --out benchmarks/results/meta_step_cpu.json
+    python benchmarks/bench_meta_step.py --device cuda --out benchmarks/results/meta_step_h100.json   # all rows
+
+A meta-iteration = zero_grad + meta_step on a fresh meta-batch (inner loop on every task's support
+set, query loss, outer backward) + Adam step; the timed region ends with a device synchronise.
+Each (row, path) is timed in a fresh subprocess, so its peak memory is its own: CUDA's
+max_memory_allocated on GPU; on CPU, how much the process's peak resident set size (ru_maxrss)
+grew during the timed iterations (the interpreter, torch, the model and the batches excluded).
+
+Rows (the issue's table; images are uniform noise of the right shape, which does not change the
+work done; conv4 with BatchNorm, 15 query examples per class, second order unless stated):
+    omniglot-5w1s-1step     5-way 1-shot, 32 tasks, 1 inner step, 64 filters, 28x28x1
+    omniglot-5w1s-5step     as above, 5 inner steps
+    omniglot-20w1s-5step    20-way 1-shot, 16 tasks, 5 inner steps
+    miniimagenet-5w5s-5step 5-way 5-shot, 4 tasks, 5 inner steps, 32 filters, 84x84x3
+    omniglot-5w1s-fo        first-order, 5-way 1-shot, 32 tasks, 1 inner step
+    sinusoid                MLP 1-40-40-1, 25 tasks, K = 10 support and 10 query points, 5 inner steps, MSE
+Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimension), learn2learn
+(l2l.algorithms.MAML, clone/adapt per task), higher (innerloop_ctx per task). learn2learn and higher
+are imported here only; a path whose package is missing is reported as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from metalearn.algorithms import MAML  # noqa: E402
+from metalearn.models import MLP, Conv4  # noqa: E402
+from metalearn.types import Examples, TaskBatch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ways: int
+    shots: int
+    tasks: int
+    steps: int
+    lr: float
+    first_order: bool = False
+    hidden: int = 64
+    size: int = 28
+    channels: int = 1
+    query: int = 15
+    sinusoid: bool = False
+
+
+ROWS = {r.name: r for r in [
+    Row("omniglot-5w1s-1step", 5, 1, 32, 1, 0.4),
+    Row("omniglot-5w1s-5step", 5, 1, 32, 5, 0.4),
+    Row("omniglot-20w1s-5step", 20, 1, 16, 5, 0.1),
+    Row("miniimagenet-5w5s-5step", 5, 5, 4, 5, 0.01, hidden=32, size=84, channels=3),
+    Row("omniglot-5w1s-fo", 5, 1, 32, 1, 0.4, first_order=True),
+    Row("sinusoid", 1, 10, 25, 5, 0.01, query=10, sinusoid=True),
+]}
+PATHS = ["loop", "batched", "learn2learn", "higher"]
+
+
+def make_model(row: Row, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = MLP() if row.sinusoid else Conv4(row.channels, row.ways, row.hidden, row.size)
+    return model.to(device)
+
+
+def make_batch(row: Row, device: torch.device, seed: int) -> TaskBatch:
+    g = torch.Generator(device=device).manual_seed(seed)
+    T, N, K, Q = row.tasks, row.ways, row.shots, row.query
+    if row.sinusoid:
+        x = torch.rand(T, K + Q, 1, generator=g, device=device) * 10 - 5
+        amp = torch.rand(T, 1, 1, generator=g, device=device) * 4.9 + 0.1
+        phase = torch.rand(T, 1, 1, generator=g, device=device) * torch.pi
+        y = amp * torch.sin(x - phase)
+        return TaskBatch(Examples(x[:, :K], y[:, :K]), Examples(x[:, K:], y[:, K:]), 1, K, Q)
+    shape = (row.channels, row.size, row.size)
+    sx = torch.rand(T, N * K, *shape, generator=g, device=device)
+    qx = torch.rand(T, N * Q, *shape, generator=g, device=device)
+    labels = torch.arange(N, device=device)
+    return TaskBatch(Examples(sx, labels.repeat_interleave(K).expand(T, -1)),
+                     Examples(qx, labels.repeat_interleave(Q).expand(T, -1)), N, K, Q)
+
+
+def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
+    """fn(batch) that accumulates the meta-gradient of the mean query loss into model's .grad."""
+    loss_fn = F.mse_loss if row.sinusoid else F.cross_entropy
+    if path in ("loop", "batched"):
+        algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
+                    loss="mse" if row.sinusoid else "cross_entropy").set_execution(path)
+        return algo.meta_step
+    if path == "learn2learn":
+        import learn2learn as l2l
+
+        maml = l2l.algorithms.MAML(model, lr=row.lr, first_order=row.first_order)
+
+        def step(batch: TaskBatch):
+            for t in range(batch.num_tasks):
+                learner = maml.clone()
+                for _ in range(row.steps):
+                    learner.adapt(loss_fn(learner(batch.support.x[t]), batch.support.y[t]))
+                (loss_fn(learner(batch.query.x[t]), batch.query.y[t]) / batch.num_tasks).backward()
+        return step
+    if path == "higher":
+        import higher
+
+        inner_opt = torch.optim.SGD(model.parameters(), lr=row.lr)
+        detach = (lambda grads: [g.detach() for g in grads]) if row.first_order else None
+
+        def step(batch: TaskBatch):
+            for t in range(batch.num_tasks):
+                with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                          track_higher_grads=not row.first_order) as (fmodel, diffopt):
+                    for _ in range(row.steps):
+                        diffopt.step(loss_fn(fmodel(batch.support.x[t]), batch.support.y[t]), grad_callback=detach)
+                    (loss_fn(fmodel(batch.query.x[t]), batch.query.y[t]) / batch.num_tasks).backward()
+        return step
+    raise ValueError(path)
+
+
+def available(path: str) -> bool:
+    if path in ("loop", "batched"):
+        return True
+    try:
+        __import__(path)
+        return True
+    except Exception:
+        return False
+
+
+def check_agreement(row: Row, paths: list[str], device: torch.device) -> dict:
+    """Max relative difference of each path's meta-gradient to the loop's, same weights and batch (float32)."""
+    batch, grads = make_batch(row, device, seed=123), {}
+    for path in paths:
+        model = make_model(row, device)
+        meta_step_fn(path, row, model)(batch)
+        grads[path] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    ref = grads["loop"]
+    return {p: ((g - ref).abs().max() / ref.abs().max()).item() for p, g in grads.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RssPeak:
+    """Peak resident set size above its level at start, sampled every millisecond (Linux /proc)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> "RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def worker(row: Row, path: str, device: torch.device, reps: int, warmup: int) -> dict:
+    """Time one (row, path) in this process; returns ms stats and peak memory."""
+    model = make_model(row, device)
+    step = meta_step_fn(path, row, model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [make_batch(row, device, seed=i) for i in range(4)]
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss = RssPeak()
+    with rss:
+        for i in range(warmup + reps):
+            batch = batches[i % len(batches)]
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            step(batch)
+            opt.step()
+            sync(device)
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    else:  # growth of the resident set during the meta-steps (interpreter, torch, model and batches excluded)
+        peak, kind = (rss.peak - rss.start) / 2**20, "rss_growth_during_steps"
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": reps,
+            "tasks_per_s": 1000 * row.tasks / statistics.median(times), "peak_mib": round(peak, 1), "memory": kind}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = default)")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--worker", nargs=2, metavar=("ROW", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    if args.worker:
+        print(json.dumps(worker(ROWS[args.worker[0]], args.worker[1], device, args.reps, args.warmup)))
+        return 0
+
+    unknown = [r for r in args.rows.split(",") if r not in ROWS] + [p for p in args.paths.split(",") if p not in PATHS]
+    if unknown:
+        print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    paths = [p for p in args.paths.split(",") if available(p)]
+    if "loop" not in paths:
+        paths.insert(0, "loop")
+    results = []
+    for name in args.rows.split(","):
+        row = ROWS[name]
+        agree = check_agreement(row, paths, device)
+        bad = {p: d for p, d in agree.items() if d > 1e-4}
+        if bad:
+            print(f"bench_meta_step: {name}: paths disagree with the loop (max relative gradient difference {bad})",
+                  file=sys.stderr)
+            return 1
+        for path in paths:
+            cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
+                   str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            res.update(row=name, path=path, grad_rel_diff_vs_loop=agree[path], setting=asdict(row))
+            results.append(res)
+            print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  (min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
+                  f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB", flush=True)
+    for r in results:  # speed-ups against the baselines of the same row
+        for base in ("learn2learn", "higher", "loop"):
+            other = next((o for o in results if o["row"] == r["row"] and o["path"] == base), None)
+            if other is not None and base != r["path"]:
+                r[f"speedup_vs_{base}"] = round(other["ms_median"] / r["ms_median"], 3)
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+           "tf32": False, "results": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
