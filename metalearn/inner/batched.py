@@ -72,7 +72,7 @@ def _conv4_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
             g = _task(params.get(f"{prefix}.norm.weight", norm.weight), norm.weight.shape, T)
             beta = _task(params.get(f"{prefix}.norm.bias", norm.bias), norm.bias.shape, T)
             h = F.batch_norm(h, None, None, g.reshape(-1), beta.reshape(-1), training=True, eps=norm.eps)
-        h = F.max_pool2d(h.relu(), block.pool.kernel_size, block.pool.stride)
+        h = F.max_pool2d(h, block.pool.kernel_size, block.pool.stride).relu()  # as ConvBlock.forward
     z = h.reshape(B, T, -1).transpose(0, 1)  # (T, B, Co*h*w): each task's flatten(1), channel-major
     return _linear(params, "head", model.head, z)
 

@@ -56,7 +56,7 @@ class PerStepBlock(nn.Module):
         self.norm = PerStepBatchNorm2d(out_channels, steps)
 
     def forward(self, x: Tensor, step: int = 0, stats: str = "batch") -> Tensor:
-        return F.max_pool2d(self.norm(self.conv(x), step, stats).relu(), 2)
+        return F.max_pool2d(self.norm(self.conv(x), step, stats), 2).relu()  # pool, then ReLU: as conv4
 
 
 class Conv4PerStep(nn.Module):
