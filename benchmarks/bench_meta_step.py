@@ -26,7 +26,6 @@ are imported here only; a path whose package is missing is reported as skipped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import os

@@ -57,6 +57,8 @@ CASES = {
     "maml-head-only": lambda m: ALGORITHMS["maml"](m, inner_lr=LR, inner_steps=STEPS, adapt=["head.*"]),
     "maml-body-only": lambda m: ALGORITHMS["maml"](m, inner_lr=LR, inner_steps=STEPS, adapt=["features.*"]),
     "boil": lambda m: ALGORITHMS["boil"](m, inner_lr=LR, inner_steps=STEPS),
+    "anil": lambda m: ALGORITHMS["anil"](m, inner_lr=LR, inner_steps=STEPS),
+    "anil-first-order": lambda m: ALGORITHMS["anil"](m, inner_lr=LR, inner_steps=STEPS, first_order=True),
     "metasgd": lambda m: ALGORITHMS["metasgd"](m, inner_lr=0.1, inner_steps=STEPS),
     "metasgd-first-order": lambda m: ALGORITHMS["metasgd"](m, inner_lr=0.1, inner_steps=STEPS, first_order=True),
 }
@@ -105,11 +107,11 @@ def test_batched_mlp_regression_equals_loop(first_order):
     assert m_fast["mse"] == pytest.approx(m_loop["mse"], rel=1e-12)
 
 
-@pytest.mark.parametrize("case", ["maml", "metasgd"])
+@pytest.mark.parametrize("case", ["maml", "metasgd", "anil"])
 def test_batched_evaluation_equals_loop(case):
     model, batch = make_model(), make_batch()
     make = {"maml": lambda: MAML(model, inner_lr=LR, inner_steps=STEPS),
-            "metasgd": lambda: CASES["metasgd"](model)}[case]
+            "metasgd": lambda: CASES["metasgd"](model), "anil": lambda: CASES["anil"](model)}[case]
     loop = make().set_execution("loop").evaluate_batch(batch, steps=3, lr=0.3)
     fast = make().set_execution("batched", 2).evaluate_batch(batch, steps=3, lr=0.3)
     assert torch.equal(loop, fast)
@@ -117,9 +119,9 @@ def test_batched_evaluation_equals_loop(case):
 
 def test_plan_falls_back_and_batched_refuses_unsupported():
     model = make_model()
-    anil = ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1)
+    anil = ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1, cached=False)
     mode, why = anil.execution_plan()
-    assert mode == "loop" and "ANIL overrides" in why
+    assert mode == "loop" and "cached=False" in why
     with pytest.raises(MetalearnError, match="execution=batched is not available"):
         anil.set_execution("batched")
     with pytest.raises(MetalearnError, match="execution must be"):

@@ -29,6 +29,8 @@ from torch.func import functional_call
 
 from ..errors import MetalearnError
 from ..inner import run_inner_loop
+from ..inner.batched import batched_features, batched_head, batched_inner_loop
+from ..inner.rules import LRSpec
 from ..types import Examples, Params, TaskBatch
 from .base import metric
 from .maml import MAML
@@ -75,9 +77,29 @@ class ANIL(MAML):
         out = self.head_fn(fast, z_q, 0)
         return self.loss_fn(out, batch.query.y[i]), out
 
+    # --- batched execution: body features of all tasks at once, then the heads adapted together ---------
+    def _batched_support(self) -> "tuple[bool, str]":
+        if not self.cached:
+            return False, "anil with cached=False runs the naive per-task path"
+        if getattr(self, "lora", None) is not None:
+            return False, "LoRA inner loop runs per task"
+        if batched_features(self.model) is None:
+            return False, f"no batched forward for model {type(self.model).__name__}"
+        return True, ""
+
+    def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
+                               first_order: bool) -> Tensor:
+        features, head = batched_features(self.model), batched_head(self.model)
+        z_s, z_q = features(params, batch.support.x[sl]), features(params, batch.query.x[sl])  # (Tc, B, D)
+        fast = batched_inner_loop(head, params, z_s, batch.support.y[sl], adapt=self.adapt, lr=lr, steps=steps,
+                                  first_order=first_order, loss=self.loss, num_tasks=z_s.shape[0])
+        return head(fast, z_q)
+
     @torch.no_grad()
     def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
                        transductive: bool = True) -> Tensor:
+        if transductive and self._batched():
+            return self._batched_evaluate(batch, self.inner_steps if steps is None else steps, lr)
         if not (self.cached and transductive):
             return super().evaluate_batch(batch, steps=steps, lr=lr, transductive=transductive)
         params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}

@@ -27,7 +27,7 @@ returns None for anything else and callers fall back to the loop.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,8 @@ def _linear(params: Params, name: str, mod: nn.Linear, z: Tensor) -> Tensor:
     return torch.baddbmm(_task(b, mod.bias.shape, T).unsqueeze(1), z, wt)
 
 
-def _conv4_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """conv4 on x (T, B, C, H, W) with params[n] of shape (T, *shape) or shape -> logits (T, B, N)."""
+def _conv4_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """conv4's body on x (T, B, C, H, W) with params[n] of shape (T, *shape) or shape -> (T, B, D)."""
     T, B = x.shape[:2]
     h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])  # (B, T*C, H, W)
     for i, block in enumerate(model.features):
@@ -73,12 +73,11 @@ def _conv4_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
             beta = _task(params.get(f"{prefix}.norm.bias", norm.bias), norm.bias.shape, T)
             h = F.batch_norm(h, None, None, g.reshape(-1), beta.reshape(-1), training=True, eps=norm.eps)
         h = F.max_pool2d(h, block.pool.kernel_size, block.pool.stride).relu()  # as ConvBlock.forward
-    z = h.reshape(B, T, -1).transpose(0, 1)  # (T, B, Co*h*w): each task's flatten(1), channel-major
-    return _linear(params, "head", model.head, z)
+    return h.reshape(B, T, -1).transpose(0, 1)  # (T, B, Co*h*w): each task's flatten(1), channel-major
 
 
-def _mlp_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """MLP on x (T, B, D) -> (T, B, out)."""
+def _mlp_features(model: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """The MLP's body on x (T, B, D_in) -> (T, B, hidden)."""
     h = x.flatten(2)
     for i, layer in enumerate(model.features):
         if isinstance(layer, nn.Linear):
@@ -87,20 +86,35 @@ def _mlp_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
             h = h.relu()
         else:  # pragma: no cover - guarded by supports()
             raise TypeError(f"unsupported layer {type(layer).__name__}")
-    return _linear(params, "head", model.head, h)
+    return h
 
 
-def batched_forward(model: nn.Module) -> Optional[BatchedForward]:
-    """fn(params, x (T, B, ...)) -> outputs (T, B, ...) for a supported model, else None."""
+def batched_features(model: nn.Module) -> Optional[BatchedForward]:
+    """fn(params, x (T, B, ...)) -> body features (T, B, D) (the input of `model.head`) for a supported
+    model (conv4 with transductive or no BatchNorm, the MLP), else None."""
     from ..models.conv4 import Conv4
     from ..models.mlp import MLP
 
     if type(model) is Conv4 and all(isinstance(b.norm, (nn.BatchNorm2d, nn.Identity)) for b in model.features):
         if all(not b.norm.track_running_stats for b in model.features if isinstance(b.norm, nn.BatchNorm2d)):
-            return lambda params, x: _conv4_forward(model, params, x)
+            return lambda params, x: _conv4_features(model, params, x)
     if type(model) is MLP and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model.features):
-        return lambda params, x: _mlp_forward(model, params, x)
+        return lambda params, x: _mlp_features(model, params, x)
     return None
+
+
+def batched_head(model: nn.Module) -> BatchedForward:
+    """fn(params, z (T, B, D)) -> model.head at per-task or shared params: (T, B, N)."""
+    return lambda params, z: _linear(params, "head", model.head, z)
+
+
+def batched_forward(model: nn.Module) -> Optional[BatchedForward]:
+    """fn(params, x (T, B, ...)) -> outputs (T, B, ...) for a supported model, else None."""
+    features = batched_features(model)
+    if features is None:
+        return None
+    head = batched_head(model)
+    return lambda params, x: head(params, features(params, x))
 
 
 def task_losses(out: Tensor, y: Tensor, loss: str) -> Tensor:
@@ -140,4 +154,4 @@ def batched_inner_loop(fwd: BatchedForward, params: Params, x: Tensor, y: Tensor
     return fast
 
 
-__all__ = ["BatchedForward", "batched_forward", "batched_inner_loop", "task_losses", "task_metrics"]
+__all__ = ["BatchedForward", "batched_features", "batched_forward", "batched_head", "batched_inner_loop", "task_losses", "task_metrics"]
