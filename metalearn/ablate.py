@@ -160,15 +160,26 @@ def run_ablation(ablation: Ablation, *, progress: bool = True) -> Dict[str, Any]
                 if progress:
                     print(f"[{done}/{total}] {ablation.name}: {cfg.tracking.name}", flush=True)
                 cfg.tracking.progress = cfg.tracking.progress and progress
-                summary = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
+                if cfg.outer.algorithm == "finetune":  # transfer baseline: shared initial weights, then fine-tuning
+                    from .transfer import run_transfer
+
+                    summary = run_transfer(cfg, progress=progress)
+                else:
+                    summary = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
                 if summary["interrupted"]:
                     raise KeyboardInterrupt
             runs.append({"run_dir": str(run_dir), "seed": cfg.seed, "accuracy": summary["eval"]["mean"],
                          "ci95": summary["eval"]["ci95"], "train_seconds": summary["train_seconds"]})
+            if "support_mean" in summary["eval"]:  # fine-tuning runs also report support accuracy (overfitting)
+                runs[-1].update(support_accuracy=summary["eval"]["support_mean"],
+                                adapted_parameters=summary["eval"]["adapted_parameters"])
         accs = torch.tensor([r["accuracy"] for r in runs], dtype=torch.float64)
         mean, ci = mean_ci95(accs)
         results.append({"values": cell.values, "name": cell.name, "mean": mean, "ci95": ci, "seeds": len(runs),
                         "runs": runs})
+        if all("support_accuracy" in r for r in runs):
+            s_mean, s_ci = mean_ci95(torch.tensor([r["support_accuracy"] for r in runs], dtype=torch.float64))
+            results[-1].update(support_mean=s_mean, support_ci95=s_ci, adapted_parameters=runs[0]["adapted_parameters"])
     cfg0 = ablation.cells[0].configs[0]
     report = {"ablation": ablation.name, "description": ablation.description, "file": str(ablation.path),
               "keys": ablation.keys, "metric": f"{cfg0.eval.split} accuracy", "cells": results}
@@ -185,13 +196,20 @@ def markdown_table(report: Dict[str, Any]) -> str:
     if report["description"]:
         lines += [report["description"], ""]
     lines += [f"{report['metric']} (%), mean over seeds ± 95% CI over seeds (1.96·s/√n).", ""]
-    lines.append("| " + " | ".join([*keys, "accuracy (%)", "seeds", "per seed (%)"]) + " |")
-    lines.append("|" + "---|" * (len(keys) + 3))
+    support = any("support_mean" in c for c in report["cells"])  # fine-tuning runs: support accuracy beside
+    extra = ["support accuracy (%)", "adapted parameters"] if support else []
+    lines.append("| " + " | ".join([*keys, "accuracy (%)", *extra, "seeds", "per seed (%)"]) + " |")
+    lines.append("|" + "---|" * (len(keys) + 3 + len(extra)))
     for c in report["cells"]:
         ci = f" ± {100 * c['ci95']:.2f}" if c["seeds"] > 1 else ""
         per_seed = ", ".join(f"{100 * r['accuracy']:.2f}" for r in c["runs"])
+        cols = []
+        if support:
+            s_ci = f" ± {100 * c['support_ci95']:.2f}" if c["seeds"] > 1 and "support_mean" in c else ""
+            cols = [f"{100 * c['support_mean']:.2f}{s_ci}" if "support_mean" in c else "-",
+                    str(c.get("adapted_parameters", "-"))]
         lines.append("| " + " | ".join([*(_label(c["values"][k]) for k in keys),
-                                         f"{100 * c['mean']:.2f}{ci}", str(c["seeds"]), per_seed]) + " |")
+                                         f"{100 * c['mean']:.2f}{ci}", *cols, str(c["seeds"]), per_seed]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +236,9 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
         line, = ax.plot(x, m, marker="o", label=f"{keys[1]}={label}" if label else None)
         ax.fill_between(x, [a - b for a, b in zip(m, ci)], [a + b for a, b in zip(m, ci)], alpha=0.2,
                         color=line.get_color())
+        if all("support_mean" in c for c in cs):  # fine-tuning: support accuracy, dashed (overfitting shows)
+            ax.plot(x, [100 * c["support_mean"] for c in cs], linestyle="--", marker=".", color=line.get_color(),
+                    label=f"support, {keys[1]}={label}" if label else "support")
     if not numeric:
         ax.set_xticks(range(len(xs)), xs)
     elif all(isinstance(c["values"][xkey], int) for c in cells):
@@ -226,7 +247,7 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel(f"{report['metric']} (%)")
     ax.set_title(f"{report['ablation']} (mean ± 95% CI over seeds)")
     ax.grid(alpha=0.3)
-    if len(keys) > 1:
+    if len(keys) > 1 or any("support_mean" in c for c in cells):
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -1,6 +1,7 @@
 """metalearn command line.
 
     metalearn train CONFIG.yaml [key=value ...] [--resume]   meta-train, then evaluate on fixed test episodes
+    metalearn pretrain CONFIG.yaml [key=value ...]           supervised pre-training, then fine-tuning per episode
     metalearn eval CHECKPOINT [--split test --episodes 600 --ways 5 --shots 1 ...]
     metalearn ablate ABLATION.yaml [--seeds 3]                run a grid of configs; table + figure of mean ± CI
     metalearn bench CONFIG.yaml [key=value ...] [--steps 20]  time meta-training steps on synthetic images
@@ -9,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +18,7 @@ from .errors import MetalearnError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .config import load_config
     from .train import train
 
@@ -29,7 +30,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config is not None and Path(config).is_dir():
         config = str(Path(config) / "config.yaml")  # a run folder: its resolved config
     cfg = load_config(config, overrides)
-    summary = train(cfg, resume=args.resume)
+    if distributed.launched_by_torchrun():  # torchrun: refuse what cannot be split before joining the job
+        distributed.check_algorithm(cfg.outer.algorithm, distributed.Context(world_size=2))
+    if cfg.outer.algorithm == "finetune":  # transfer baseline: pre-train (or load), then fine-tune
+        return _run_transfer(cfg, args.resume)
+    dist = distributed.init(cfg.device)  # no-op without torchrun
+    try:
+        summary = train(cfg, resume=args.resume)
+    finally:
+        distributed.shutdown()
+    if not dist.is_main:
+        return 130 if summary["interrupted"] == "SIGINT" else 143 if summary["interrupted"] else 0
     print(f"run folder: {summary['run_dir']}")
     if summary["interrupted"]:
         print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
@@ -37,21 +48,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130 if summary["interrupted"] == "SIGINT" else 143
     ev = summary["eval"]
     print(f"meta-training took {summary['train_seconds']:.1f} s")
-    print(f"{ev['split']} accuracy: {100 * ev['mean']:.2f} ± {100 * ev['ci95']:.2f}% (95% CI) over {ev['episodes']} "
-          f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} inner steps")
+    print(final_line(ev))
     return 0
+
+
+def final_line(ev: dict) -> str:
+    """The last line of `metalearn train`: test accuracy (or MSE) ± 95% CI and the protocol."""
+    if ev.get("metric") == "mse":
+        return (f"{ev['split']} MSE: {ev['mean']:.4f} ± {ev['ci95']:.4f} (95% CI) over {ev['episodes']} "
+                f"{ev['shots']}-shot sinusoid episodes, {ev['inner_steps']} inner steps")
+    return (f"{ev['split']} accuracy: {100 * ev['mean']:.2f} ± {100 * ev['ci95']:.2f}% (95% CI) over {ev['episodes']} "
+            f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} inner steps")
+
+
+def _run_transfer(cfg, resume: bool) -> int:
+    from .transfer import run_transfer, summary_line
+
+    summary = run_transfer(cfg, resume=resume, share_init=False)
+    print(f"run folder: {summary['run_dir']}")
+    if summary["interrupted"]:
+        print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
+              f"  metalearn pretrain {Path(summary['run_dir']) / 'config.yaml'} --resume", file=sys.stderr)
+        return 130 if summary["interrupted"] == "SIGINT" else 143
+    if summary.get("train_seconds") is not None:
+        print(f"pre-training took {summary['train_seconds']:.1f} s")
+    print(summary_line(summary["eval"]))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    """Supervised pre-training (outer.algorithm=finetune is implied), then fine-tuning on fixed test episodes."""
+    from .config import load_config
+
+    config = args.config
+    if Path(config).is_dir():
+        config = str(Path(config) / "config.yaml")
+    return _run_transfer(load_config(config, ["outer.algorithm=finetune", *args.overrides]), args.resume)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from . import distributed
     from ._io import atomic_json
     from .checkpoint import load_checkpoint
     from .config import from_dict, validate
-    from .data import check_episode_fits, open_dataset
-    from .evaluation import evaluate
+    from .data import REGRESSION, check_episode_fits, open_dataset
     from .models import build_model
-    from .train import build_algorithm, eval_settings, resolve_device
+    from .train import build_algorithm, eval_settings, model_shape, resolve_device, run_evaluation
 
     ckpt_path = Path(args.checkpoint)
     ckpt_path = ckpt_path / "checkpoint.pt" if ckpt_path.is_dir() else ckpt_path
@@ -65,27 +109,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.device:
         cfg.device = args.device
     validate(cfg)
+    dist = distributed.init(cfg.device)  # torchrun: episodes sharded across processes, then gathered
+    if dist.enabled and cfg.outer.algorithm == "finetune":
+        raise MetalearnError("eval of a finetune checkpoint runs with one process (its support accuracies are per process)")
     ev = eval_settings(cfg)
-    if ev["ways"] != cfg.data.ways and cfg.outer.algorithm != "protonet":
+    if ev["ways"] != cfg.data.ways and cfg.outer.algorithm not in ("protonet", "finetune"):
         raise MetalearnError(f"--ways {ev['ways']}: this checkpoint's head has {cfg.data.ways} outputs")
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    ds, splits = open_dataset(cfg.data)
-    check_episode_fits(cfg.eval.split, len(splits[cfg.eval.split]), ds.samples_per_class, ev["ways"], ev["shots"], ev["query_shots"])
-    model = build_model(cfg.model, ds.channels, cfg.data.ways, cfg.data.image_size).to(device=device, dtype=dtype)
+    regression = cfg.data.dataset in REGRESSION  # sinusoid: generated episodes, no data set
+    ds, splits = (None, {}) if regression else open_dataset(cfg.data)
+    if not regression:
+        check_episode_fits(cfg.eval.split, len(splits[cfg.eval.split]), ds.samples_per_class, ev["ways"], ev["shots"], ev["query_shots"])
+    in_channels, outputs = model_shape(cfg, ds)
+    outputs = ckpt["model"]["head.weight"].shape[0] if cfg.outer.algorithm == "finetune" else outputs
+    model = build_model(cfg.model, in_channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
     model.load_state_dict(ckpt["model"])
     algorithm = build_algorithm(cfg, model)
     if ckpt.get("algorithm"):  # learned inner lrs (metasgd, mamlpp), reptile's Adam state
         algorithm.load_state_dict(ckpt["algorithm"])
-    images = ds.images.to(device)[splits[cfg.eval.split].to(device)]
-    result = evaluate(algorithm, images, ways=ev["ways"], shots=ev["shots"], query_shots=ev["query_shots"],
-                      episodes=cfg.eval.episodes, seed=cfg.eval.seed, inner_steps=ev["inner_steps"],
-                      inner_lr=ev["inner_lr"], batch_size=cfg.eval.batch_size, split=cfg.eval.split,
-                      batchnorm=cfg.model.batchnorm, dtype=dtype, progress=not args.no_progress,
-                        transductive=cfg.eval.transductive)
+    images = None if regression else distributed.main_first(lambda: ds.images).to(device)[splits[cfg.eval.split].to(device)]
+    try:
+        result = run_evaluation(cfg, algorithm, cfg.eval.split, cfg.eval.episodes, images=images, device=device,
+                                progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if not dist.is_main:
+        return 0
     print(result.summary())
+    record = result.to_dict()
+    if hasattr(algorithm, "take_support"):  # finetune: support accuracy beside query accuracy
+        support = algorithm.take_support()
+        record.update(support_mean=support.mean().item(), support_accuracies=support.tolist())
+        print(f"support accuracy after fine-tuning: {100 * record['support_mean']:.2f}%")
     out = Path(args.out) if args.out else ckpt_path.with_name(
-        f"eval-{result.split}-{result.ways}w{result.shots}s-{result.episodes}ep.json")
-    atomic_json({"checkpoint": str(ckpt_path), "step": ckpt["step"], "eval": result.to_dict()}, out)
+        f"eval-{result.split}-{'' if regression else f'{result.ways}w'}{result.shots}s-{result.episodes}ep.json")
+    atomic_json({"checkpoint": str(ckpt_path), "step": ckpt["step"], "eval": record}, out)
     print(f"saved {out}")
     return 0
 
@@ -115,9 +173,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from ._io import atomic_json
     from .config import load_config, to_dict
-    from .data import EpisodeSampler
+    from .data import REGRESSION, EpisodeSampler
     from .models import build_model
-    from .train import build_algorithm, resolve_device, seed_everything
+    from .train import build_algorithm, build_sampler, resolve_device, seed_everything
 
     if args.steps < 1 or args.warmup < 0:
         raise MetalearnError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -128,11 +186,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
     d = cfg.data
     channels = 1 if d.dataset == "omniglot" else 3
-    g = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randint(0, 256, (max(4 * d.ways, 64), d.shots + d.query_shots, channels, d.image_size, d.image_size),
-                           generator=g, dtype=torch.uint8).to(device)
-    sampler = EpisodeSampler(images, d.ways, d.shots, d.query_shots, seed=cfg.seed, dtype=dtype)
-    model = build_model(cfg.model, channels, d.ways, d.image_size).to(device=device, dtype=dtype)
+    if d.dataset in REGRESSION:  # sinusoid: the real task generator (it is synthetic already)
+        channels, sampler = 1, build_sampler(cfg, None, device)
+        model = build_model(cfg.model, 1, 1, d.image_size).to(device=device, dtype=dtype)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        images = torch.randint(0, 256, (max(4 * d.ways, 64), d.shots + d.query_shots, channels, d.image_size,
+                                        d.image_size), generator=g, dtype=torch.uint8).to(device)
+        sampler = EpisodeSampler(images, d.ways, d.shots, d.query_shots, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, channels, d.ways, d.image_size).to(device=device, dtype=dtype)
     algorithm = build_algorithm(cfg, model)
     params = [p for p in model.parameters()]
     optimizer = (algorithm.outer_optimizer(params, cfg.outer.lr) if hasattr(algorithm, "outer_optimizer")
@@ -188,10 +250,12 @@ def _first_comment(path: Path) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     from .ablate import ablation_description
     from .algorithms import ALGORITHMS
-    from .data import DATASETS, SPLITS
+    from .data import DATASETS, REGRESSION, SPLITS
     from .models import MODELS
 
     print("data sets:  " + ", ".join(f"{d} (splits: {', '.join(SPLITS[d])})" for d in sorted(DATASETS)))
+    print("regression: " + ", ".join(f"{d} (data.split = protocol: {', '.join(p)}; model mlp)"
+                                     for d, p in sorted(REGRESSION.items())))
     print("models:     " + ", ".join(sorted(MODELS)))
     print("algorithms: " + ", ".join(sorted(ALGORITHMS)))
     root = Path(args.root)
@@ -255,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU to an uninterrupted run); only tracking.*, checkpoint.*, eval.*, device and threads may "
                         "differ from the checkpoint's config")
     t.set_defaults(func=_cmd_train)
+
+    pt = sub.add_parser("pretrain", help="supervised pre-training on the training classes, then per-episode fine-tuning",
+                        description="Transfer-learning baseline (Chen et al. 2019): pre-train the model on all training "
+                                    "classes jointly (transfer.pretrain.*), then fine-tune a fresh head and "
+                                    "transfer.blocks body blocks on each fixed test episode's support set "
+                                    "(eval.inner_steps, eval.inner_lr); prints query and support accuracy ± 95%% CI. "
+                                    "Same run folder as `train`; outer.algorithm=finetune is implied.")
+    pt.add_argument("config", help="YAML preset (e.g. experiments/configs/pretrain_omniglot.yaml) or a run folder")
+    pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the preset")
+    pt.add_argument("--resume", action="store_true", help="continue an interrupted pre-training run from its checkpoint")
+    pt.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes; prints and saves mean ± 95%% CI",
                        description="Evaluate a checkpoint on a fixed, seeded list of episodes and save the "

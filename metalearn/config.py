@@ -20,7 +20,8 @@ from .errors import MetalearnError
 @dataclass
 class DataConfig:
     dataset: str = "omniglot"
-    """Data set name (see `metalearn list`)."""
+    """Data set name (see `metalearn list`); `sinusoid` = MAML's sinusoid regression tasks (needs
+    model.name=mlp, data.ways=1; data.split picks the protocol: `maml` phase U[0, pi], `reptile` U[0, 2 pi])."""
     root: str = ""
     """Folder holding the data set; empty means `$METALEARN_DATA/<dataset>`."""
     cache_dir: str = ""
@@ -68,6 +69,12 @@ class InnerConfig:
     """Drop second-order terms of the meta-gradient (FOMAML)."""
     adapt: List[str] = field(default_factory=lambda: ["*"])
     """Name patterns (fnmatch) of the parameters the inner loop adapts: ['*'] = all (MAML), ['head.*'] = ANIL-style."""
+    lora_rank: int = 0
+    """LoRA (Hu et al. 2021): 0 = adapt weights in full; r > 0 = adapt every selected weight with >= 2 dims
+    (conv, linear) through a rank-r delta W + (lora_alpha / r) * B A (B zero-initialised per task);
+    selected 1-dim tensors (biases, BatchNorm) still adapt in full. maml/fomaml/finetune only."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator: delta = (lora_alpha / lora_rank) * B A; 0 means lora_alpha = lora_rank (scale 1)."""
 
 
 @dataclass
@@ -90,6 +97,14 @@ class OuterConfig:
     """mamlpp: outer steps over which the multi-step loss weights anneal to the final step (0 = final step only)."""
     first_order_until: int = 0
     """mamlpp: derivative-order annealing, first order for outer steps <= this (0 = second order throughout)."""
+    execution: str = "auto"
+    """How a meta-batch is adapted: `loop` = one task after another (the reference path); `batched` = all
+    tasks at once, tasks as a batch dimension (grouped convolutions, batched matmuls; exact, see
+    metalearn/inner/batched.py); `auto` = batched where the model and algorithm support it, else loop
+    (the log says which)."""
+    task_chunk: int = 0
+    """batched execution: adapt at most this many tasks at once, accumulating gradients (bounds memory;
+    same result up to float rounding); 0 = the whole meta-batch."""
 
 
 @dataclass
@@ -118,6 +133,51 @@ class EvalConfig:
     val_every: int = 0
     """Validate every N outer steps on `val_episodes` validation episodes (0 = never)."""
     val_episodes: int = 100
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 2000
+    """Supervised pre-training steps (mini-batches) on all meta-training classes jointly."""
+    batch_size: int = 64
+    """Images per mini-batch, drawn without replacement per epoch by a seeded generator."""
+    optimizer: str = "adam"
+    """`adam` or `sgd` (momentum 0.9)."""
+    lr: float = 1e-3
+    """Pre-training learning rate."""
+    weight_decay: float = 0.0
+    """Pre-training weight decay (L2, added to the gradient as torch.optim does)."""
+    augment: List[str] = field(default_factory=list)
+    """Augmentations of pre-training images: `crop` (pad image_size // 8 with zeros, random crop back),
+    `flip` (random horizontal flip; not sensible for Omniglot characters)."""
+
+
+@dataclass
+class TransferConfig:
+    """Transfer-learning baseline (outer.algorithm=finetune): supervised pre-training, then per test
+    episode a fresh N-way head and fine-tuning of selected layers on the support set (Chen et al. 2019).
+    Fine-tuning steps and lr are eval.inner_steps / eval.inner_lr (defaults inner.steps / inner.lr)."""
+    init: str = "pretrain"
+    """Where the fine-tuned weights come from: `pretrain` (supervised pre-training, transfer.pretrain.*),
+    `maml` (meta-train MAML with this config's inner/outer settings first), or a checkpoint path."""
+    blocks: int = 0
+    """Body blocks fine-tuned besides the fresh head, counted from the top: 0 = head only, 4 = all of conv4."""
+    head: str = "linear"
+    """Classifier, in pre-training and in fine-tuning: `linear` (Baseline) or `cosine` (Baseline++:
+    cosine_scale * cos(features, class weight))."""
+    cosine_scale: float = 10.0
+    """Temperature of the cosine head."""
+    head_init: str = "random"
+    """Fresh head per episode: `random` (nn.Linear's U(-1/sqrt(D), 1/sqrt(D)), seeded by a hash of the
+    episode's support set, so it depends on nothing else), `zero` (linear head only) or `prototype`
+    (class means of the support features; linear: W = 2 mean, b = -|mean|^2)."""
+    head_seed: int = 0
+    """Mixed into the per-episode seed of the random head."""
+    optimizer: str = "sgd"
+    """Fine-tuning update rule: `sgd` or `adam` (betas 0.9, 0.999; the differentiable rule of inner/rules.py)."""
+    weight_decay: float = 0.0
+    """Fine-tuning weight decay (L2 added to the gradient)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 @dataclass
@@ -174,6 +234,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -232,11 +293,12 @@ def _positive(name: str, value: int | float | None, allow_zero: bool = False) ->
 
 def validate(cfg: Config) -> None:
     """Static checks that need no data; data-dependent checks happen when the data set is opened."""
-    from .data import DATASETS  # local import: data imports config's neighbours only
+    from .data import DATASETS, REGRESSION  # local import: data imports config's neighbours only
     from .models import MODELS
 
-    if cfg.data.dataset not in DATASETS:
-        raise MetalearnError(f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    if cfg.data.dataset not in DATASETS and cfg.data.dataset not in REGRESSION:
+        known = ", ".join(sorted([*DATASETS, *REGRESSION]))
+        raise MetalearnError(f"data.dataset: unknown data set {cfg.data.dataset!r}; known: {known}")
     if cfg.model.name not in MODELS:
         raise MetalearnError(f"model.name: unknown model {cfg.model.name!r}; known: {', '.join(sorted(MODELS))}")
     if cfg.model.batchnorm not in ("transductive", "none"):
@@ -249,13 +311,20 @@ def validate(cfg: Config) -> None:
                         ("outer.first_order_until", cfg.outer.first_order_until),
                         ("outer.final_lr", cfg.outer.final_lr)]:
         _positive(name, value, allow_zero=True)
-    if cfg.data.ways < 2:
+    if cfg.outer.execution not in ("auto", "loop", "batched"):
+        raise MetalearnError(f"outer.execution must be auto, loop or batched, got {cfg.outer.execution!r}")
+    _positive("outer.task_chunk", cfg.outer.task_chunk, allow_zero=True)
+    if cfg.data.dataset in REGRESSION:
+        _validate_regression(cfg, REGRESSION[cfg.data.dataset])
+    elif cfg.model.name == "mlp":
+        raise MetalearnError(f"model.name=mlp takes 1-d inputs (data.dataset=sinusoid), not {cfg.data.dataset} images; use conv4")
+    elif cfg.data.ways < 2:
         raise MetalearnError(f"data.ways must be >= 2, got {cfg.data.ways}")
     if cfg.data.rotation not in ("none", "classes", "per_task"):
         raise MetalearnError(f"data.rotation must be 'none', 'classes' or 'per_task', got {cfg.data.rotation!r}")
     if not set(cfg.data.rotation_splits) <= {"train", "val", "test"}:
         raise MetalearnError(f"data.rotation_splits: unknown split(s) {sorted(set(cfg.data.rotation_splits) - {'train', 'val', 'test'})}")
-    if cfg.eval.ways is not None and cfg.eval.ways < 2:
+    if cfg.eval.ways is not None and cfg.eval.ways < 2 and cfg.data.dataset not in REGRESSION:
         raise MetalearnError(f"eval.ways must be >= 2, got {cfg.eval.ways}")
     for name, value in [
         ("data.shots", cfg.data.shots), ("data.query_shots", cfg.data.query_shots),
@@ -287,6 +356,55 @@ def validate(cfg: Config) -> None:
         raise MetalearnError(f"tracking.wandb.mode must be online, offline or disabled, got {cfg.tracking.wandb.mode!r}")
     if "/" in cfg.tracking.name or cfg.tracking.name in (".", ".."):
         raise MetalearnError(f"tracking.name must be a plain folder name, got {cfg.tracking.name!r}")
+    _validate_transfer(cfg)
     dev = cfg.device
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise MetalearnError(f"device must be cpu, cuda, cuda:N or auto, got {dev!r}")
+
+
+def _validate_regression(cfg: Config, protocols: Any) -> None:
+    """data.dataset=sinusoid: 1-d regression with an MLP, one output, MSE."""
+    d = cfg.data
+    if cfg.model.name != "mlp":
+        raise MetalearnError(f"model.name={cfg.model.name} cannot take {d.dataset} inputs (1-d x): use model.name=mlp")
+    if d.ways != 1 or (cfg.eval.ways is not None and cfg.eval.ways != 1):
+        raise MetalearnError(f"data.ways (and eval.ways) must be 1 for {d.dataset} regression (one output), got "
+                             f"{d.ways if d.ways != 1 else cfg.eval.ways}")
+    if d.split not in protocols:
+        raise MetalearnError(f"data.split: {d.dataset} protocols are {', '.join(protocols)}, got {d.split!r}")
+    if d.rotation != "none":
+        raise MetalearnError(f"data.rotation={d.rotation} does not apply to {d.dataset} regression; use none")
+    if cfg.outer.algorithm in ("protonet", "finetune"):
+        raise MetalearnError(f"outer.algorithm={cfg.outer.algorithm} is for classification, not {d.dataset} regression")
+
+
+def _validate_transfer(cfg: Config) -> None:
+    """inner.lora_* and transfer.* (the transfer-learning baseline, metalearn/transfer/)."""
+    t, p = cfg.transfer, cfg.transfer.pretrain
+    _positive("inner.lora_rank", cfg.inner.lora_rank, allow_zero=True)
+    _positive("inner.lora_alpha", cfg.inner.lora_alpha, allow_zero=True)
+    if cfg.inner.lora_rank and cfg.outer.algorithm not in ("maml", "fomaml", "finetune"):
+        raise MetalearnError(f"inner.lora_rank: LoRA adaptation is available for maml, fomaml and finetune, "
+                             f"not {cfg.outer.algorithm!r}")
+    _positive("transfer.blocks", t.blocks, allow_zero=True)
+    if t.head not in ("linear", "cosine"):
+        raise MetalearnError(f"transfer.head must be 'linear' or 'cosine', got {t.head!r}")
+    _positive("transfer.cosine_scale", t.cosine_scale)
+    if t.head_init not in ("random", "zero", "prototype"):
+        raise MetalearnError(f"transfer.head_init must be random, zero or prototype, got {t.head_init!r}")
+    if t.head_init == "zero" and t.head == "cosine":
+        raise MetalearnError("transfer.head_init=zero needs transfer.head=linear (a cosine head has no direction at zero)")
+    if t.optimizer not in ("sgd", "adam"):
+        raise MetalearnError(f"transfer.optimizer must be 'sgd' or 'adam', got {t.optimizer!r}")
+    _positive("transfer.weight_decay", t.weight_decay, allow_zero=True)
+    if not t.init:
+        raise MetalearnError("transfer.init is empty: use pretrain, maml or a checkpoint path")
+    for name, value in [("transfer.pretrain.steps", p.steps), ("transfer.pretrain.batch_size", p.batch_size),
+                        ("transfer.pretrain.lr", p.lr)]:
+        _positive(name, value)
+    _positive("transfer.pretrain.weight_decay", p.weight_decay, allow_zero=True)
+    if p.optimizer not in ("sgd", "adam"):
+        raise MetalearnError(f"transfer.pretrain.optimizer must be 'sgd' or 'adam', got {p.optimizer!r}")
+    bad = sorted(set(p.augment) - {"crop", "flip"})
+    if bad:
+        raise MetalearnError(f"transfer.pretrain.augment: unknown augmentation {bad[0]!r}; known: crop, flip")

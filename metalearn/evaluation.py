@@ -1,8 +1,13 @@
 """Evaluation on a fixed, enumerated, seeded list of episodes.
 
 Each episode: adapt on its support set (test-time inner steps and lr, set independently of
-training), score accuracy on its query set. Report the mean over episodes with a 95%
-confidence interval, 1.96 * s / sqrt(n), s the sample standard deviation (ddof=1).
+training), score its query set: accuracy for classification, mean squared error for sinusoid
+regression (`EvalResult.metric`). Report the mean over episodes with a 95% confidence interval,
+1.96 * s / sqrt(n), s the sample standard deviation (ddof=1).
+
+Under torchrun (metalearn/distributed.py) the episodes are sharded across processes in whole
+batches of `batch_size` (each batch is the same as in a one-process run) and gathered in order,
+so every process reports the numbers a single process would.
 
 BatchNorm: conv4's BatchNorm is transductive (batch statistics of the query set at scoring
 time, as in MAML's code); the mode is recorded in the result.
@@ -16,7 +21,7 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .data import fixed_episodes
+from .data import fixed_episodes, fixed_sinusoid_episodes
 
 
 @dataclass
@@ -34,16 +39,36 @@ class EvalResult:
     mean: float
     ci95: float
     accuracies: List[float] = field(repr=False)
+    """Every episode's score, in episode order: accuracies, or MSEs when metric == "mse"."""
     transductive: bool = True
     """True: each query set scored as one batch (BatchNorm uses its statistics); False: each query
     example scored in a batch with the support set only."""
+    metric: str = "accuracy"
+    """What mean, ci95 and the per-episode values measure: "accuracy" (classification) or "mse" (regression).
+    Results saved before this field existed are accuracies."""
 
     def summary(self) -> str:
-        return (f"{self.split}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f}% "
-                f"({self.ways}-way {self.shots}-shot, {self.episodes} episodes, {self.inner_steps} inner steps)")
+        return f"{self.split}: {format_score(self.metric, self.mean, self.ci95)} ({self.protocol()})"
+
+    def protocol(self) -> str:
+        if self.metric == "mse":
+            return f"{self.shots}-shot regression, {self.episodes} episodes, {self.inner_steps} inner steps"
+        return f"{self.ways}-way {self.shots}-shot, {self.episodes} episodes, {self.inner_steps} inner steps"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        """Inverse of to_dict; also reads results saved before `metric` existed (accuracy)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def format_score(metric: str, mean: float, ci95: float) -> str:
+    """"93.16 ± 0.52%" for accuracy, "MSE 0.5123 ± 0.0456" for regression (both 95% CI)."""
+    if metric == "mse":
+        return f"MSE {mean:.4f} ± {ci95:.4f}"
+    return f"{100 * mean:.2f} ± {100 * ci95:.2f}%"
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -56,20 +81,37 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return v.mean().item(), 1.96 * std / math.sqrt(n)
 
 
-def evaluate(algorithm, images: torch.Tensor, *, ways: int, shots: int, query_shots: int, episodes: int,
+def evaluate(algorithm, images: Optional[torch.Tensor], *, ways: int, shots: int, query_shots: int, episodes: int,
              seed: int, inner_steps: int, inner_lr: float, batch_size: int = 50, split: str = "test",
              batchnorm: str = "transductive", dtype: torch.dtype = torch.float32,
-             progress: bool = False, transductive: bool = True) -> EvalResult:
-    """images: uint8 (classes, per_class, C, H, W) of the split, on the evaluation device."""
-    accs = []
-    batches = fixed_episodes(images, ways, shots, query_shots, count=episodes, seed=seed,
-                             batch_size=batch_size, split=split, dtype=dtype)
-    with tqdm(total=episodes, desc=f"eval {split}", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+             progress: bool = False, transductive: bool = True, sinusoid: Optional[str] = None,
+             device: Optional[torch.device] = None, dist=None) -> EvalResult:
+    """Score `algorithm` on the fixed episodes 0..episodes-1 fixed by `seed`.
+
+    images: uint8 (classes, per_class, C, H, W) of the split, on the evaluation device; or None with
+    `sinusoid` = the protocol ("maml" / "reptile") of sinusoid regression episodes (fixed_sinusoid_episodes,
+    made on `device`). dist: a metalearn.distributed.Context; with several processes each scores its
+    shard of whole batches and the per-episode values are gathered (identical on every process).
+    """
+    from . import distributed
+
+    dist = dist or distributed.context()
+    lo, hi = distributed.shard_batches(episodes, batch_size, dist)
+    if sinusoid is not None:
+        batches = fixed_sinusoid_episodes(shots, query_shots, count=hi, seed=seed, batch_size=batch_size,
+                                          protocol=sinusoid, device=device or "cpu", dtype=dtype, start=lo)
+    else:
+        batches = fixed_episodes(images, ways, shots, query_shots, count=hi, seed=seed,
+                                 batch_size=batch_size, split=split, dtype=dtype, start=lo)
+    values = []
+    with tqdm(total=hi - lo, desc=f"eval {split}", disable=not (progress and dist.is_main), leave=False,
+              dynamic_ncols=True) as bar:
         for batch in batches:
-            accs.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
+            values.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
             bar.update(batch.num_tasks)
-    acc = torch.cat(accs)
-    mean, ci = mean_ci95(acc)
+    local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    scores = distributed.gather_cat(local, dist)  # (episodes,) in episode order
+    mean, ci = mean_ci95(scores)
     recorded_lr = None if getattr(algorithm, "learns_inner_lr", False) else inner_lr
     return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, recorded_lr, seed, batchnorm,
-                      mean, ci, acc.tolist(), transductive)
+                      mean, ci, scores.tolist(), transductive, getattr(algorithm, "metric_name", "accuracy"))

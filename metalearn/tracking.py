@@ -139,20 +139,21 @@ def plot_learning_curve(rows: List[dict], path: str | Path) -> Path:
 
     path = Path(path)
     train = [r for r in rows if r.get("train/loss") is not None]
-    val = [r for r in rows if r.get("val/accuracy") is not None]
+    metric = "mse" if any("train/mse" in r for r in train) else "accuracy"  # sinusoid regression logs MSE
+    val = [r for r in rows if r.get(f"val/{metric}") is not None]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train query loss")
     ax_loss.set_xlabel("outer step")
     ax_loss.set_ylabel("loss")
-    ax_acc.plot([r["step"] for r in train], [r["train/accuracy"] for r in train], label="train query accuracy")
+    ax_acc.plot([r["step"] for r in train], [r[f"train/{metric}"] for r in train], label=f"train query {metric}")
     if val:
         s = [r["step"] for r in val]
-        m = [r["val/accuracy"] for r in val]
+        m = [r[f"val/{metric}"] for r in val]
         c = [r.get("val/ci95") or 0.0 for r in val]
-        ax_acc.plot(s, m, marker="o", label="val accuracy")
+        ax_acc.plot(s, m, marker="o", label=f"val {metric}")
         ax_acc.fill_between(s, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.25)
     ax_acc.set_xlabel("outer step")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel(metric)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,4 +1,9 @@
-"""Meta-training, top to bottom: seeding, data, model, algorithm, optimiser, loop, eval, log, checkpoint."""
+"""Meta-training, top to bottom: seeding, data, model, algorithm, optimiser, loop, eval, log, checkpoint.
+
+Classification on image data sets (N-way K-shot episodes, accuracy) or sinusoid regression
+(data.dataset=sinusoid: MAML's Sec. 5.1 tasks, an MLP, MSE). Under torchrun every process runs
+this same loop on its slice of each meta-batch (metalearn/distributed.py); rank 0 alone writes.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,17 +15,17 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .algorithms import MAML
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, git_info, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, from_dict, to_dict
-from .data import EpisodeSampler, check_episode_fits, open_dataset
+from .data import REGRESSION, EpisodeSampler, SinusoidSampler, check_episode_fits, open_dataset
 from .errors import MetalearnError
 from .evaluation import EvalResult, evaluate
 from .inner import select
@@ -30,6 +35,10 @@ from ._io import atomic_json, atomic_write
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device; under torchrun with CUDA, this process's GPU (cuda:LOCAL_RANK)."""
+    ctx = distributed.context()
+    if ctx.enabled and ctx.device is not None:
+        return torch.device(ctx.device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -41,6 +50,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_and_device(cfg: Config) -> "tuple[torch.device, torch.dtype]":
+    """Seed every generator with cfg.seed, apply cfg.threads; (device, dtype) of the run."""
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device), getattr(torch, cfg.dtype)
 
 
 def eval_settings(cfg: Config) -> Dict[str, Any]:
@@ -59,6 +76,8 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
     loss = "mse" if cfg.data.dataset == "sinusoid" else "cross_entropy"
     if name == "protonet":
         return ALGORITHMS[name](model, loss=loss)
+    if name == "finetune":  # transfer-learning baseline (metalearn/algorithms/finetune.py)
+        return ALGORITHMS[name].from_config(cfg, model)
     common = dict(inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, loss=loss)
     adapt_default = {"anil": ["head.*"], "boil": ["features.*"]}.get(name)
     adapt = adapt_default if (adapt_default and list(cfg.inner.adapt) == ["*"]) else list(cfg.inner.adapt)
@@ -66,14 +85,30 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
         return ALGORITHMS[name](model, adapt=adapt, final_lr=cfg.outer.final_lr or 0.0, **common)
     first_order = cfg.inner.first_order or name == "fomaml"
     if name == "mamlpp":
-        return ALGORITHMS[name](model, adapt=adapt, first_order=first_order, msl_iterations=cfg.outer.msl_iterations,
-                                first_order_until=cfg.outer.first_order_until, final_lr=cfg.outer.final_lr or 0.0,
-                                **common)
-    return ALGORITHMS[name](model, adapt=adapt, first_order=first_order, **common)
+        algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order,
+                                     msl_iterations=cfg.outer.msl_iterations,
+                                     first_order_until=cfg.outer.first_order_until,
+                                     final_lr=cfg.outer.final_lr or 0.0, **common)
+    else:
+        algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order, **common)
+    if hasattr(algorithm, "set_execution"):  # per-task loop or batched (metalearn/inner/batched.py)
+        algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk)
+    if cfg.inner.lora_rank:  # maml / fomaml: the inner loop adapts LoRA deltas (metalearn/inner/lora.py)
+        algorithm.use_lora(cfg.inner.lora_rank, cfg.inner.lora_alpha)
+        from .inner.lora import adapted_size
+
+        full, low = adapted_size(algorithm.params(), algorithm.adapt), adapted_size(
+            algorithm.params(), algorithm.lora_full, algorithm.lora)
+        print(f"LoRA rank {cfg.inner.lora_rank}: the inner loop adapts {low['parameters']} entries per task "
+              f"({low['bytes']} bytes) instead of {full['parameters']}", file=sys.stderr)
+    return algorithm
 
 
 def check_data(cfg: Config) -> "tuple[Any, Dict[str, torch.Tensor]]":
-    """Open the data set (cheap: nothing decoded yet) and check every episode shape the run will draw."""
+    """Open the data set (cheap: nothing decoded yet) and check every episode shape the run will draw.
+    Sinusoid regression has no data set: (None, {})."""
+    if cfg.data.dataset in REGRESSION:
+        return None, {}
     ds, splits = open_dataset(cfg.data)
     ev = eval_settings(cfg)
     check_episode_fits("train", len(splits["train"]), ds.samples_per_class, cfg.data.ways, cfg.data.shots, cfg.data.query_shots)
@@ -83,6 +118,61 @@ def check_data(cfg: Config) -> "tuple[Any, Dict[str, torch.Tensor]]":
     if ev["ways"] != cfg.data.ways and cfg.outer.algorithm != "protonet":
         raise MetalearnError(f"eval.ways={ev['ways']} differs from data.ways={cfg.data.ways}, but MAML's head has one output per training way")
     return ds, splits
+
+
+SINUSOID_EVAL_SEED_OFFSET = {"test": 0, "val": 1, "train": 2}
+"""Sinusoid tasks have no class splits: the fixed episodes of split s use seed eval.seed + offset[s]."""
+
+
+def run_evaluation(cfg: Config, algorithm: Any, split: str, episodes: int, *, images: Optional[torch.Tensor],
+                   device: torch.device, progress: bool = False) -> EvalResult:
+    """Score `algorithm` on `episodes` fixed episodes of `split` with the run's eval settings.
+
+    images: uint8 (classes, per_class, C, H, W) of the split on `device`; None for sinusoid regression.
+    Under torchrun the episodes are sharded across processes and gathered (metalearn/evaluation.py).
+    """
+    ev = eval_settings(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    common = dict(ways=ev["ways"], shots=ev["shots"], query_shots=ev["query_shots"], episodes=episodes,
+                  inner_steps=ev["inner_steps"], inner_lr=ev["inner_lr"], batch_size=cfg.eval.batch_size,
+                  split=split, dtype=dtype, progress=progress, transductive=cfg.eval.transductive)
+    if cfg.data.dataset in REGRESSION:
+        return evaluate(algorithm, None, seed=cfg.eval.seed + SINUSOID_EVAL_SEED_OFFSET[split], batchnorm="none",
+                        sinusoid=cfg.data.split, device=device, **common)
+    return evaluate(algorithm, images, seed=cfg.eval.seed, batchnorm=cfg.model.batchnorm, **common)
+
+
+def build_sampler(cfg: Config, images: Optional[torch.Tensor], device: torch.device) -> Any:
+    """The training episode sampler, seeded by cfg.seed: sinusoid tasks, or episodes of the training
+    classes `images` (uint8 (classes, per_class, C, H, W) on `device`). Both have sample(T, part=)."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.data.dataset in REGRESSION:
+        return SinusoidSampler(cfg.data.shots, cfg.data.query_shots, protocol=cfg.data.split, seed=cfg.seed,
+                               device=device, dtype=dtype)
+    return EpisodeSampler(images, cfg.data.ways, cfg.data.shots, cfg.data.query_shots, seed=cfg.seed, split="train",
+                          dtype=dtype, rotate=cfg.data.rotation == "per_task")
+
+
+def model_shape(cfg: Config, ds: Any) -> "tuple[int, int]":
+    """(input channels, outputs) of the model: (1, 1) for sinusoid regression, else (channels, ways)."""
+    return (1, 1) if cfg.data.dataset in REGRESSION else (ds.channels, cfg.data.ways)
+
+
+def sharded_meta_step(algorithm: Any, sampler: Any, meta_batch_size: int, reduced: List[torch.Tensor],
+                      flags: List[float] = (), dist: Optional[distributed.Context] = None
+                      ) -> "tuple[Dict[str, float], List[float]]":
+    """Draw the global meta-batch, adapt this process's slice of it, and leave in `.grad` of `reduced`
+    the gradient of the global mean query loss. Returns (metrics of the global meta-batch, flags summed
+    over processes). One process: exactly `algorithm.meta_step(sampler.sample(T))`."""
+    dist = dist or distributed.context()
+    if not dist.enabled:
+        return algorithm.meta_step(sampler.sample(meta_batch_size)), list(flags)
+    lo, hi = distributed.shard(meta_batch_size, dist)
+    metrics = algorithm.meta_step(sampler.sample(meta_batch_size, part=slice(lo, hi)))
+    weight = (hi - lo) / meta_batch_size
+    distributed.all_reduce_gradients(reduced, weight, dist)
+    distributed.average_buffers(algorithm.model, dist)
+    return distributed.reduce_metrics(metrics, weight, flags, dist)
 
 
 _RESUMABLE_CHANGES = ("tracking.", "checkpoint.", "eval.", "device", "threads")
@@ -167,91 +257,115 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     resume: continue from `tracking.out_dir/tracking.name/checkpoint.pt` (bit-identical on CPU to a run
     that was never interrupted). Returns a summary dict; `summary["interrupted"]` names the signal
     (SIGINT/SIGTERM) when the run stopped early after saving a checkpoint.
+
+    Under torchrun (after `distributed.init`), every process calls this with the same cfg; rank 0
+    alone writes files, prints and logs, and all return the same summary.
     """
     cfg = copy.deepcopy(cfg)
+    dist = distributed.context()
+    main = dist.is_main
+    distributed.check_algorithm(cfg.outer.algorithm, dist)
+    distributed.check_meta_batch(cfg.outer.meta_batch_size, dist)
     if not cfg.tracking.name:
         if resume:
             raise MetalearnError("--resume needs the run's name: pass the run's config.yaml or tracking.name=...")
-        cfg.tracking.name = f"{cfg.data.dataset}-{cfg.data.ways}w{cfg.data.shots}s-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        what = "" if cfg.data.dataset in REGRESSION else f"{cfg.data.ways}w"
+        stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"), dist)  # one name for all ranks
+        cfg.tracking.name = f"{cfg.data.dataset}-{what}{cfg.data.shots}s-{stamp}"
 
     # --- seeding and device -------------------------------------------------------------
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    device, dtype = seed_and_device(cfg)
 
     # --- data: open (cheap), check every episode shape against the splits, then decode ----
     ds, splits = check_data(cfg)
-    ev = eval_settings(cfg)
-    out, ckpt = open_run_dir(cfg, resume)
-    images = ds.images.to(device)
-    sampler = EpisodeSampler(images[splits["train"].to(device)], cfg.data.ways, cfg.data.shots, cfg.data.query_shots,
-                             seed=cfg.seed, split="train", dtype=dtype, rotate=cfg.data.rotation == "per_task")
+    out, ckpt = distributed.on_main(lambda: open_run_dir(cfg, resume), dist)  # checks only; rank 0's verdict
+    # rank 0 decodes (and caches) the images first, the other processes then read its cache
+    images = None if ds is None else distributed.main_first(lambda: ds.images, dist).to(device)
+    split_images = (lambda split: None) if images is None else (lambda split: images[splits[split].to(device)])
+    sampler = build_sampler(cfg, split_images("train"), device)
 
     # --- model, algorithm, optimiser ----------------------------------------------------
-    model = build_model(cfg.model, ds.channels, cfg.data.ways, cfg.data.image_size).to(device=device, dtype=dtype)
+    in_channels, outputs = model_shape(cfg, ds)
+    model = build_model(cfg.model, in_channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
     algorithm = build_algorithm(cfg, model)
     trained = select([n for n, _ in model.named_parameters()], cfg.outer.train, what="outer.train")
     named = dict(model.named_parameters())
     optimizer = algorithm.outer_optimizer([named[n] for n in trained], cfg.outer.lr)  # Adam (+ learned lrs); SGD for reptile
     learnables = algorithm.meta_parameters() if hasattr(algorithm, "meta_parameters") else []
     checked = {**{n: named[n] for n in trained}, **{f"{cfg.outer.algorithm} learnable {i}": p for i, p in enumerate(learnables)}}
+    reduced = list(checked.values())  # what the processes all-reduce: trained parameters and learnables
+    if main and hasattr(algorithm, "execution_plan"):
+        mode, why = algorithm.execution_plan()
+        print(f"execution: {mode} ({why})", file=sys.stderr)
 
     # --- run folder: a fresh one, or the checkpoint's state restored exactly ----------------
-    git = git_info()
+    git = git_info() if main else {}
     start, wandb_id = 0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("algorithm") and hasattr(algorithm, "load_state_dict"):
             algorithm.load_state_dict(ckpt["algorithm"])
-        sampler.load_state_dict(ckpt["sampler"])
+        sampler.load_state_dict(ckpt["sampler"])  # the global sampler state: valid for any number of processes
         set_rng_state(ckpt["rng"])
         start, wandb_id = ckpt["step"], ckpt.get("tracking", {}).get("wandb_id")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
-        atomic_json({"git": git, "argv": sys.argv, "torch": torch.__version__, "started": datetime.now().isoformat()},
-                    out / "run.json")
+        def create() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
+            atomic_json({"git": git, "argv": sys.argv, "torch": torch.__version__, "started": datetime.now().isoformat(),
+                         "world_size": dist.world_size}, out / "run.json")
+        distributed.on_main(create, dist)
+    # the same starting point on every process (identical by seeding already; this makes it certain)
+    distributed.broadcast_parameters([*model.parameters(), *learnables, *model.buffers()], dist)
 
     def run_eval(split: str, episodes: int, progress: bool) -> EvalResult:
-        return evaluate(algorithm, images[splits[split].to(device)], ways=ev["ways"], shots=ev["shots"],
-                        query_shots=ev["query_shots"], episodes=episodes, seed=cfg.eval.seed,
-                        inner_steps=ev["inner_steps"], inner_lr=ev["inner_lr"], batch_size=cfg.eval.batch_size,
-                        split=split, batchnorm=cfg.model.batchnorm, dtype=dtype, progress=progress,
-                        transductive=cfg.eval.transductive)
+        return run_evaluation(cfg, algorithm, split, episodes, images=split_images(split), device=device,
+                              progress=progress)
 
-    # --- trackers: metrics.jsonl always, W&B when enabled ---------------------------------
-    trackers = [JsonlTracker(out / "metrics.jsonl", keep_until=start if resume else None)]
-    wandb_run = None
-    if cfg.tracking.wandb.enabled:
-        wandb_run = WandbTracker(cfg.tracking.wandb, run_dir=out, name=cfg.tracking.name, config=to_dict(cfg),
-                                 run_id=wandb_id)
-        trackers.append(wandb_run)
-    tracker = Trackers(trackers, wandb_run)
+    # --- trackers: metrics.jsonl always, W&B when enabled (rank 0 only) ---------------------
+    def open_trackers() -> Trackers:
+        trackers: List[Any] = [JsonlTracker(out / "metrics.jsonl", keep_until=start if resume else None)]
+        wandb_run = None
+        if cfg.tracking.wandb.enabled:
+            wandb_run = WandbTracker(cfg.tracking.wandb, run_dir=out, name=cfg.tracking.name, config=to_dict(cfg),
+                                     run_id=wandb_id)
+            trackers.append(wandb_run)
+        return Trackers(trackers, wandb_run)
 
-    def save(step: int) -> Path:
+    tracker = distributed.main_only(open_trackers, dist) or Trackers([])  # other ranks log nowhere
+    wandb_run = tracker.wandb
+    metric = getattr(algorithm, "metric_name", "accuracy")
+
+    def save(step: int) -> None:
+        if not main:
+            return
         algo_state = algorithm.state_dict() if hasattr(algorithm, "state_dict") else {}
-        return save_checkpoint(out / CHECKPOINT_NAME, step=step, config=to_dict(cfg), git=git,
-                               model=model.state_dict(), optimizer=optimizer.state_dict(), algorithm=algo_state,
-                               sampler=sampler.state_dict(), rng=rng_state(),
-                               tracking={"wandb_id": wandb_run.id if wandb_run else None})
+        save_checkpoint(out / CHECKPOINT_NAME, step=step, config=to_dict(cfg), git=git,
+                        model=model.state_dict(), optimizer=optimizer.state_dict(), algorithm=algo_state,
+                        sampler=sampler.state_dict(), rng=rng_state(),
+                        tracking={"wandb_id": wandb_run.id if wandb_run else None})
 
     # --- the loop -------------------------------------------------------------------------
     total = cfg.outer.iterations
-    if start:
+    if start and main:
         print(f"resuming {out} from step {start} of {total}", file=sys.stderr)
-    bar = tqdm(total=total, initial=start, desc="meta-train", disable=not cfg.tracking.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="meta-train", disable=not (cfg.tracking.progress and main),
+               dynamic_ncols=True)
     window, t_window, t_start = [], time.perf_counter(), time.perf_counter()
     saved_step, step, ok = (start if ckpt is not None else None), start, False
+    stopped: Optional[str] = None
     try:
         with _StopSignals() as stop:
             for step in range(start + 1, total + 1):
-                batch = sampler.sample(cfg.outer.meta_batch_size)
                 model.zero_grad(set_to_none=True)
                 optimizer.zero_grad(set_to_none=True)  # also the algorithm's learnables (metasgd alpha, mamlpp lrs)
                 algorithm.schedule(step, total, optimizer)  # annealing: reptile's epsilon, MAML++'s schedules
-                metrics = algorithm.meta_step(batch)
+                # with several processes, a signal seen by any of them before this step's all-reduce
+                # stops all of them after this same step (a later one counts at the next step)
+                flags = [float(stop.received == "SIGINT"), float(stop.received == "SIGTERM")]
+                metrics, flags = sharded_meta_step(algorithm, sampler, cfg.outer.meta_batch_size, reduced, flags, dist)
+                halt = (("SIGINT" if flags[0] else "SIGTERM") if any(flags) else None) if dist.enabled else stop.received
                 bad = _nonfinite(metrics, checked)
                 if bad is not None:
                     kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT_NAME}"
@@ -266,35 +380,40 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
                     row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                     row["tasks_per_s"] = len(window) * cfg.outer.meta_batch_size / (now - t_window)
                     tracker.log(step, {f"train/{k}": v for k, v in row.items()})
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('accuracy', row.get('mse', float('nan'))):.3f}", tasks_s=f"{row['tasks_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", **{metric[:3]: f"{row.get(metric, float('nan')):.3f}"},
+                                    tasks_s=f"{row['tasks_per_s']:.0f}")
                     window, t_window = [], now
                 if cfg.eval.val_every and step % cfg.eval.val_every == 0:
                     val = run_eval("val", cfg.eval.val_episodes, progress=False)
-                    tracker.log(step, {"val/accuracy": val.mean, "val/ci95": val.ci95})
-                    bar.write(f"step {step}: {val.summary()}")
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total or stop.received:
+                    tracker.log(step, {f"val/{metric}": val.mean, "val/ci95": val.ci95})
+                    if main:
+                        bar.write(f"step {step}: {val.summary()}")
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total or halt:
                     save(step)
                     saved_step = step
-                if stop.received:
+                if halt:
+                    stopped = halt
                     break
         bar.close()
         train_seconds = time.perf_counter() - t_start
         if saved_step != step:  # e.g. resuming a run that had already finished
             save(step)
-        if stop.received:
+        if stopped:
             ok = True
-            return {"run_dir": str(out), "interrupted": stop.received, "step": step,
+            return {"run_dir": str(out), "interrupted": stopped, "step": step,
                     "train_seconds": round(train_seconds, 2), "eval": None}
 
         # --- learning curve, final evaluation, artifact -----------------------------------------
-        curve = plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
+        curve = (plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
+                 if main else None)
         result = run_eval(cfg.eval.split, cfg.eval.episodes, progress=cfg.tracking.progress)
-        final = {f"{cfg.eval.split}/accuracy": result.mean, f"{cfg.eval.split}/ci95": result.ci95}
+        final = {f"{cfg.eval.split}/{metric}": result.mean, f"{cfg.eval.split}/ci95": result.ci95}
         tracker.log(total, final)
         tracker.summary({**final, f"{cfg.eval.split}/episodes": result.episodes})
         summary = {"run_dir": str(out), "interrupted": None, "step": total, "train_seconds": round(train_seconds, 2),
                    "eval": result.to_dict()}
-        atomic_json(summary, out / f"eval-{cfg.eval.split}.json")
+        if main:
+            atomic_json(summary, out / f"eval-{cfg.eval.split}.json")
         if wandb_run is not None:
             wandb_run.log_image("learning_curve", curve, step=total)
             if cfg.tracking.wandb.log_checkpoint:

@@ -92,9 +92,11 @@ class GradientMetaLearner(MetaLearner):
                accumulated gradient equals the gradient of the mean.
       batched  all tasks (or `task_chunk` at a time) adapted at once with a task dimension
                (metalearn/inner/batched.py): the same meta-gradient to float rounding, much less
-               per-operator overhead. Only for algorithms that keep the default inner loop
-               (SGD with a float / per-tensor / per-element lr, the plain forward) on conv4 or mlp.
-      auto     batched where supported, else loop; `execution_plan()` says which and why.
+               per-operator overhead. For algorithms that keep the default inner loop (SGD with a
+               float / per-tensor / per-element lr, the plain forward) on conv4 or mlp, and for those
+               that override `_batched_support` and `_batched_query_outputs` (ANIL).
+      auto     batched where supported (on CPU only for the MLP, see execution_plan), else loop;
+               `execution_plan()` says which and why.
     (No torch.func.vmap: vmap through BatchNorm gives a wrong second-order meta-gradient.)
     """
 
@@ -118,10 +120,35 @@ class GradientMetaLearner(MetaLearner):
 
     def adapt_task(self, params: Params, support: Examples, *, steps: Optional[int] = None,
                    lr: Optional[float] = None, first_order: Optional[bool] = None) -> Params:
-        return run_inner_loop(self.model, params, support, adapt=self.adapt, lr=self.lr_spec(lr),
+        adapt, forward_fn = self.adapt, self.forward_fn
+        if self.lora is not None:  # LoRA (use_lora): adapt zero-started rank-r deltas instead of the weights
+            params = {**params, **{n: d.requires_grad_(True) for n, d in self.lora.init(support.x).items()}}
+            adapt = self.lora_full + self.lora.delta_names
+            forward_fn = lambda p, x, s: self.forward_fn(self.lora.merge(p), x, s)  # noqa: E731
+        fast = run_inner_loop(self.model, params, support, adapt=adapt, lr=self.lr_spec(lr),
                               steps=self.inner_steps if steps is None else steps,
                               first_order=self.first_order if first_order is None else first_order,
-                              loss_fn=self.loss_fn, forward_fn=self.forward_fn).params
+                              loss_fn=self.loss_fn, forward_fn=forward_fn).params
+        return self.lora.merge(fast) if self.lora is not None else fast
+
+    # --- LoRA inner loop (metalearn/inner/lora.py) ----------------------------------------------
+    lora = None
+    lora_full: List[str] = []
+
+    def use_lora(self, rank: int, alpha: float = 0.0, seed: int = 0) -> "GradientMetaLearner":
+        """Adapt each selected weight with >= 2 dims through a rank-`rank` delta (B zero at every task's
+        start, A fixed by `seed`); selected 1-dim tensors (biases, BatchNorm) still adapt in full.
+        Only for algorithms that keep the default adapt_task (MAML, FOMAML); runs the per-task loop."""
+        from ..inner.lora import LoRA, lora_targets
+
+        if type(self).adapt_task is not GradientMetaLearner.adapt_task:
+            raise MetalearnError(f"LoRA inner loop: {type(self).__name__} has its own adapt_task")
+        params = self.params()
+        low, self.lora_full = lora_targets(params, self.adapt)
+        if not low:
+            raise MetalearnError("inner.lora_rank: inner.adapt selects no weight with >= 2 dims")
+        self.lora = LoRA(params, low, rank, alpha, seed)
+        return self
 
     def task_loss(self, params: Params, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor]:
         """(query loss of task i after adaptation, query outputs)."""
@@ -150,6 +177,8 @@ class GradientMetaLearner(MetaLearner):
                 return False, f"{type(self).__name__} overrides {hook}"
         if batched_forward(self.model) is None:
             return False, f"no batched forward for model {type(self.model).__name__}"
+        if self.lora is not None:
+            return False, "LoRA inner loop (use_lora) runs per task"
         return True, ""
 
     def execution_plan(self) -> "tuple[str, str]":
@@ -178,15 +207,21 @@ class GradientMetaLearner(MetaLearner):
         size = self.task_chunk or T
         return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
 
+    def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
+                               first_order: bool) -> Tensor:
+        """Query outputs (Tc, Q, ...) of tasks `sl`, each adapted on its support set, all at once."""
+        fwd, sup_x = batched_forward(self.model), batch.support.x[sl]
+        fast = batched_inner_loop(fwd, params, sup_x, batch.support.y[sl], adapt=self.adapt, lr=lr, steps=steps,
+                                  first_order=first_order, loss=self.loss, num_tasks=sup_x.shape[0])
+        return fwd(fast, batch.query.x[sl])
+
     def _batched_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
         """meta_step with all tasks of a chunk adapted at once (see metalearn/inner/batched.py)."""
-        fwd, params, T = batched_forward(self.model), self.params(), batch.num_tasks
+        params, T = self.params(), batch.num_tasks
         losses, metrics = [], []
         for sl in self._chunks(T):
-            sup_x, sup_y = batch.support.x[sl], batch.support.y[sl]
-            fast = batched_inner_loop(fwd, params, sup_x, sup_y, adapt=self.adapt, lr=self.lr_spec(), steps=self.inner_steps,
-                                      first_order=self.first_order, loss=self.loss, num_tasks=sup_x.shape[0])
-            out = fwd(fast, batch.query.x[sl])
+            out = self._batched_query_outputs(params, batch, sl, steps=self.inner_steps, lr=self.lr_spec(),
+                                              first_order=self.first_order)
             loss = task_losses(out, batch.query.y[sl], self.loss)  # (Tc,)
             (loss.sum() / T).backward()
             losses.append(loss.detach())
@@ -194,14 +229,10 @@ class GradientMetaLearner(MetaLearner):
         return {"loss": torch.cat(losses).double().mean().item(), self.metric_name: torch.cat(metrics).mean().item()}
 
     def _batched_evaluate(self, batch: TaskBatch, steps: int, lr: Optional[float]) -> Tensor:
-        fwd, out = batched_forward(self.model), []
         params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
-        for sl in self._chunks(batch.num_tasks):
-            sup_x = batch.support.x[sl]
-            fast = batched_inner_loop(fwd, params, sup_x, batch.support.y[sl], adapt=self.adapt, lr=self.lr_spec(lr),
-                                      steps=steps, first_order=True, loss=self.loss, num_tasks=sup_x.shape[0])
-            fast = {n: p.detach() for n, p in fast.items()}
-            out.append(task_metrics(fwd(fast, batch.query.x[sl]), batch.query.y[sl], self.loss))
+        out = [task_metrics(self._batched_query_outputs(params, batch, sl, steps=steps, lr=self.lr_spec(lr),
+                                                        first_order=True).detach(), batch.query.y[sl], self.loss)
+               for sl in self._chunks(batch.num_tasks)]
         return torch.cat(out).cpu()
 
     # --- the two entry points ---------------------------------------------------------------

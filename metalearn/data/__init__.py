@@ -19,12 +19,17 @@ from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 from .rotation import RotatedClasses
 from .sampler import EpisodeSampler, check_episode_fits, fixed_episodes
+from .sinusoid import PROTOCOLS as SINUSOID_PROTOCOLS
 from .sinusoid import SinusoidSampler, fixed_sinusoid_episodes
 from .splits import check_disjoint, omniglot_lake_split, omniglot_maml_split, omniglot_vinyals_split, seeded_split
 from .tiered import TieredImageNet
 
 DATASETS = {"omniglot": Omniglot, "mini-imagenet": MiniImageNet, "tiered-imagenet": TieredImageNet,
             "cifar-fs": CifarFS, "fc100": FC100, "folder": ImageFolder}
+
+REGRESSION = {"sinusoid": SINUSOID_PROTOCOLS}
+"""Synthetic regression task families (no images, no class splits): name -> protocols, chosen by data.split
+(sinusoid: `maml` = phase U[0, pi] as Finn et al., `reptile` = phase U[0, 2 pi] as Nichol et al.)."""
 
 
 def _standard(ds, seed: int):
@@ -58,6 +63,8 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
     """(dataset, split name -> class indices) for a DataConfig. Omniglot, the CSV mini-ImageNet layout
     and image folders index cheaply and decode on first `.images`; pickle layouts load on opening.
     data.rotation=classes returns a `RotatedClasses` view with a 4x class pool for data.rotation_splits."""
+    if cfg.dataset in REGRESSION:
+        raise MetalearnError(f"{cfg.dataset} tasks are generated, not read from a data set (use SinusoidSampler)")
     if cfg.dataset not in DATASETS:
         raise MetalearnError(f"unknown data set {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
     splits = SPLITS[cfg.dataset]
@@ -75,7 +82,7 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
     return ds, split
 
 
-__all__ = ["DATASETS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100", "ImageDataset", "ImageFolder", "MiniImageNet",
+__all__ = ["DATASETS", "REGRESSION", "SINUSOID_PROTOCOLS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100", "ImageDataset", "ImageFolder", "MiniImageNet",
            "Omniglot", "RotatedClasses", "SinusoidSampler", "TieredImageNet", "check_disjoint", "check_episode_fits",
            "data_root", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes", "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split",
            "omniglot_vinyals_split", "open_dataset", "safe_extract", "seeded_split"]

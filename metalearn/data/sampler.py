@@ -97,13 +97,18 @@ class EpisodeSampler:
         self._flat = _flatten(images.contiguous())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
-    def sample(self, num_tasks: int) -> TaskBatch:
+    def sample(self, num_tasks: int, part: slice | None = None) -> TaskBatch:
+        """A meta-batch of `num_tasks` tasks, or only tasks `part` of it (a process's slice of the
+        global meta-batch under torchrun): the indices of the whole batch are drawn (cheap), so the
+        generator advances as in a one-process run, and only the slice's images are assembled."""
         C, P = self.images.shape[:2]
         dev, g = self.images.device, self.generator
         # top-N of iid uniforms: N distinct classes, uniformly chosen, in uniformly random order
         classes = torch.rand(num_tasks, C, device=dev, generator=g).topk(self.ways, dim=-1).indices
         samples = torch.rand(num_tasks, self.ways, P, device=dev, generator=g).argsort(-1)[..., : self.shots + self.query_shots]
         turns = (torch.randint(0, 4, (num_tasks, self.ways), device=dev, generator=g) if self.rotate else None)
+        if part is not None:
+            classes, samples, turns = classes[part], samples[part], (turns[part] if turns is not None else None)
         return _assemble(self._flat, P, classes, samples, self.ways, self.shots, self.query_shots, self.dtype, turns)
 
     def state_dict(self) -> dict:

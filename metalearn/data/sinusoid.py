@@ -64,11 +64,20 @@ class SinusoidSampler:
         self.last_amplitude: torch.Tensor | None = None
         self.last_phase: torch.Tensor | None = None
 
-    def sample(self, num_tasks: int) -> TaskBatch:
+    def sample(self, num_tasks: int, part: slice | None = None) -> TaskBatch:
+        """A meta-batch of `num_tasks` tasks, or only tasks `part` of it (a process's slice of the
+        global meta-batch under torchrun). The whole batch is always drawn (a few hundred numbers), so
+        the generator advances exactly as in a one-process run and the slice holds the same tasks."""
         g, dev, dt = self.generator, self.device, self.dtype
         self.last_amplitude = _uniform((num_tasks,), *self.amplitude_range, g, dev, dt)
         self.last_phase = _uniform((num_tasks,), *self.phase_range, g, dev, dt)
-        return _make_batch(self.last_amplitude, self.last_phase, self.shots, self.query_shots, g, dev, dt, self.x_range)
+        batch = _make_batch(self.last_amplitude, self.last_phase, self.shots, self.query_shots, g, dev, dt, self.x_range)
+        if part is None:
+            return batch
+        self.last_amplitude, self.last_phase = self.last_amplitude[part], self.last_phase[part]
+        return TaskBatch(Examples(batch.support.x[part], batch.support.y[part]),
+                         Examples(batch.query.x[part], batch.query.y[part]), ways=1, shots=self.shots,
+                         query_shots=self.query_shots)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -79,14 +88,15 @@ class SinusoidSampler:
 
 def fixed_sinusoid_episodes(shots: int, query_shots: int, count: int, seed: int, batch_size: int = 50,
                             protocol: str = "maml", device: str | torch.device = "cpu",
-                            dtype: torch.dtype = torch.float32) -> Iterator[TaskBatch]:
-    """The enumerated evaluation list fixed by `seed`: episode i depends only on (seed, i).
+                            dtype: torch.dtype = torch.float32, start: int = 0) -> Iterator[TaskBatch]:
+    """Episodes start..count-1 of the enumerated evaluation list fixed by `seed`: episode i depends
+    only on (seed, i).
 
     Each episode is drawn on the CPU from its own generator (so the list is identical across
     batch sizes, devices and processes) and moved to `device`.
     """
     amp_r, ph_r, x_r = _protocol(protocol)
-    for lo in range(0, count, batch_size):
+    for lo in range(start, count, batch_size):
         hi = min(count, lo + batch_size)
         amps, phases, xs = [], [], []
         for i in range(lo, hi):
