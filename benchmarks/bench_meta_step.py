@@ -125,8 +125,7 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
 
         def step(batch: TaskBatch):
             for t in range(batch.num_tasks):
-                with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                          track_higher_grads=not row.first_order) as (fmodel, diffopt):
+                with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                     for _ in range(row.steps):
                         diffopt.step(loss_fn(fmodel(batch.support.x[t]), batch.support.y[t]), grad_callback=detach)
                     (loss_fn(fmodel(batch.query.x[t]), batch.query.y[t]) / batch.num_tasks).backward()

@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=3.0)
     p.add_argument("--mini-root", default="", help="mini-ImageNet CSV folder (default $METALEARN_DATA/mini-imagenet-sample)")
     p.add_argument("--out", default="")
+    p.add_argument("--note", default="", help="conditions of the run, stored in the JSON (e.g. other jobs running)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +156,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1_5_15min_at_end": list(os.getloadavg()),
-        "note": "shared 2-core machine with other jobs running; absolute times are inflated and noisy",
+        "note": args.note,
         "torch": torch.__version__, "learn2learn": learn2learn.__version__, "python": platform.python_version(),
         "results": results,
     }
