@@ -181,8 +181,9 @@ def run_ablation(ablation: Ablation, *, progress: bool = True) -> Dict[str, Any]
             s_mean, s_ci = mean_ci95(torch.tensor([r["support_accuracy"] for r in runs], dtype=torch.float64))
             results[-1].update(support_mean=s_mean, support_ci95=s_ci, adapted_parameters=runs[0]["adapted_parameters"])
     cfg0 = ablation.cells[0].configs[0]
+    kind = "mse" if cfg0.data.dataset == "sinusoid" else "accuracy"  # per-run values sit under "accuracy" either way
     report = {"ablation": ablation.name, "description": ablation.description, "file": str(ablation.path),
-              "keys": ablation.keys, "metric": f"{cfg0.eval.split} accuracy", "cells": results}
+              "keys": ablation.keys, "metric": f"{cfg0.eval.split} {kind}", "cells": results}
     atomic_json(report, out / "results.json")
     atomic_write(out / "table.md", lambda f: f.write(markdown_table(report)), mode="w")
     plot_ablation(report, out / "figure.png")
@@ -190,26 +191,32 @@ def run_ablation(ablation: Ablation, *, progress: bool = True) -> Dict[str, Any]
     return report
 
 
+def _scale(report: Dict[str, Any]) -> "tuple[float, str]":
+    """(factor, unit) for shown values: accuracy in %, MSE as is."""
+    return (1.0, "") if report["metric"].endswith("mse") else (100.0, " (%)")
+
+
 def markdown_table(report: Dict[str, Any]) -> str:
     keys = report["keys"]
+    k, unit = _scale(report)
     lines = [f"# Ablation: {report['ablation']}", ""]
     if report["description"]:
         lines += [report["description"], ""]
-    lines += [f"{report['metric']} (%), mean over seeds ± 95% CI over seeds (1.96·s/√n).", ""]
+    lines += [f"{report['metric']}{unit}, mean over seeds ± 95% CI over seeds (1.96·s/√n).", ""]
     support = any("support_mean" in c for c in report["cells"])  # fine-tuning runs: support accuracy beside
     extra = ["support accuracy (%)", "adapted parameters"] if support else []
-    lines.append("| " + " | ".join([*keys, "accuracy (%)", *extra, "seeds", "per seed (%)"]) + " |")
+    lines.append("| " + " | ".join([*keys, report["metric"].split()[-1] + unit, *extra, "seeds", f"per seed{unit}"]) + " |")
     lines.append("|" + "---|" * (len(keys) + 3 + len(extra)))
     for c in report["cells"]:
-        ci = f" ± {100 * c['ci95']:.2f}" if c["seeds"] > 1 else ""
-        per_seed = ", ".join(f"{100 * r['accuracy']:.2f}" for r in c["runs"])
+        ci = f" ± {k * c['ci95']:.2f}" if c["seeds"] > 1 else ""
+        per_seed = ", ".join(f"{k * r['accuracy']:.2f}" for r in c["runs"])
         cols = []
         if support:
             s_ci = f" ± {100 * c['support_ci95']:.2f}" if c["seeds"] > 1 and "support_mean" in c else ""
             cols = [f"{100 * c['support_mean']:.2f}{s_ci}" if "support_mean" in c else "-",
                     str(c.get("adapted_parameters", "-"))]
         lines.append("| " + " | ".join([*(_label(c["values"][k]) for k in keys),
-                                         f"{100 * c['mean']:.2f}{ci}", *cols, str(c["seeds"]), per_seed]) + " |")
+                                         f"{k * c['mean']:.2f}{ci}", *cols, str(c["seeds"]), per_seed]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +229,7 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys, cells = report["keys"], report["cells"]
+    k, unit = _scale(report)
     xkey = keys[0]
     xs = list(dict.fromkeys(_label(c["values"][xkey]) for c in cells))
     numeric = all(isinstance(c["values"][xkey], (int, float)) and not isinstance(c["values"][xkey], bool) for c in cells)
@@ -231,8 +239,8 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, cs in groups.items():
         x = [c["values"][xkey] if numeric else xs.index(_label(c["values"][xkey])) for c in cs]
-        m = [100 * c["mean"] for c in cs]
-        ci = [100 * c["ci95"] for c in cs]
+        m = [k * c["mean"] for c in cs]
+        ci = [k * c["ci95"] for c in cs]
         line, = ax.plot(x, m, marker="o", label=f"{keys[1]}={label}" if label else None)
         ax.fill_between(x, [a - b for a, b in zip(m, ci)], [a + b for a, b in zip(m, ci)], alpha=0.2,
                         color=line.get_color())
@@ -244,7 +252,7 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
     elif all(isinstance(c["values"][xkey], int) for c in cells):
         ax.set_xticks(sorted({c["values"][xkey] for c in cells}))
     ax.set_xlabel(xkey)
-    ax.set_ylabel(f"{report['metric']} (%)")
+    ax.set_ylabel(f"{report['metric']}{unit}")
     ax.set_title(f"{report['ablation']} (mean ± 95% CI over seeds)")
     ax.grid(alpha=0.3)
     if len(keys) > 1 or any("support_mean" in c for c in cells):

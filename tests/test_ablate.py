@@ -103,3 +103,16 @@ def test_two_key_table_and_figure(tmp_path):
     assert "| 3 | [head.*] | 45.00 ± 1.00 | 3 | 45.00, 45.00, 45.00 |" in table
     fig = plot_ablation(report, tmp_path / "f.png")
     assert fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_regression_table_shows_mse_unscaled(tmp_path):
+    """A sinusoid ablation reports MSE as is, not as a percentage."""
+    from metalearn.ablate import markdown_table, plot_ablation
+
+    cells = [{"values": {"inner.steps": s}, "mean": m, "ci95": 0.02, "seeds": 2, "runs": [{"accuracy": m}] * 2}
+             for s, m in [(1, 0.61), (5, 0.35)]]
+    report = {"ablation": "x", "description": "", "keys": ["inner.steps"], "metric": "test mse", "cells": cells}
+    table = markdown_table(report)
+    assert "| inner.steps | mse | seeds | per seed |" in table and "(%)" not in table
+    assert "| 5 | 0.35 ± 0.02 | 2 | 0.35, 0.35 |" in table
+    assert plot_ablation(report, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
