@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metalearn._io import atomic_json  # noqa: E402
+from metalearn._io import atomic_json, update_marked_block  # noqa: E402
 from metalearn.checkpoint import git_info  # noqa: E402
 
 CONFIGS, RESULTS = ROOT / "experiments" / "configs", ROOT / "experiments" / "results"
@@ -200,18 +200,14 @@ def table(results: Path) -> str:
 
 
 def update_readme(readme: Path, results: Path, check: bool) -> int:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
+    status = update_marked_block(readme, BEGIN, END, "\n" + table(results) + "\n", check=check)
+    if status == "missing":
         fail(f"{readme} has no '{BEGIN}' ... '{END}' block")
-    head, rest = text.split(BEGIN, 1)
-    new = head + BEGIN + "\n" + table(results) + "\n" + END + rest.split(END, 1)[1]
-    if check:
-        if new != text:
-            print(f"reproduce: {readme} is out of date; run python experiments/reproduce.py --table", file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(new)
-    print(f"updated {readme}")
+    if status == "stale":
+        print(f"reproduce: {readme} is out of date; run python experiments/reproduce.py --table", file=sys.stderr)
+        return 1
+    if status == "updated":
+        print(f"updated {readme}")
     return 0
 
 

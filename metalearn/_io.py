@@ -46,3 +46,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 def atomic_json(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"), mode="w")
+
+
+def update_marked_block(path: str | Path, begin: str, end: str, body: str, *, check: bool = False) -> str:
+    """Put `body` between the marker lines `begin` and `end` of a text file (a generated README table).
+
+    Returns "missing" (no markers), "current" (already `body`), "stale" (check=True and it differs)
+    or "updated" (rewritten atomically).
+    """
+    path = Path(path)
+    text = path.read_text()
+    if begin not in text or end not in text:
+        return "missing"
+    head, rest = text.split(begin, 1)
+    new = head + begin + body + end + rest.split(end, 1)[1]
+    if new == text:
+        return "current"
+    if check:
+        return "stale"
+    atomic_write(path, lambda f: f.write(new), mode="w")
+    return "updated"
