@@ -19,9 +19,13 @@ work done; conv4 with BatchNorm, 15 query examples per class, second order unles
     miniimagenet-5w5s-5step 5-way 5-shot, 4 tasks, 5 inner steps, 32 filters, 84x84x3
     omniglot-5w1s-fo        first-order, 5-way 1-shot, 32 tasks, 1 inner step
     sinusoid                MLP 1-40-40-1, 25 tasks, K = 10 support and 10 query points, 5 inner steps, MSE
-Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimension), learn2learn
-(l2l.algorithms.MAML, clone/adapt per task), higher (innerloop_ctx per task). learn2learn and higher
-are imported here only; a path whose package is missing is reported as skipped.
+Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimension), hybrid
+(batched support sets, per-task query sets on channels-last images), learn2learn
+(l2l.algorithms.MAML, clone/adapt per task), higher (innerloop_ctx per task), and
+learn2learn-cl: learn2learn fed the same channels-last images that hybrid uses (what a
+learn2learn user could do by hand; it shows how much of a CPU speed-up is memory layout alone;
+image rows only). learn2learn and higher are imported here only; a path whose package is missing
+is reported as skipped.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metalearn.algorithms import MAML  # noqa: E402
+from metalearn.inner.layout import channels_last  # noqa: E402
 from metalearn.models import MLP, Conv4  # noqa: E402
 from metalearn.types import Examples, TaskBatch  # noqa: E402
 
@@ -72,7 +77,8 @@ ROWS = {r.name: r for r in [
     Row("omniglot-5w1s-fo", 5, 1, 32, 1, 0.4, first_order=True),
     Row("sinusoid", 1, 10, 25, 5, 0.01, query=10, sinusoid=True),
 ]}
-PATHS = ["loop", "batched", "learn2learn", "higher"]
+PATHS = ["loop", "batched", "hybrid", "learn2learn", "higher", "learn2learn-cl"]
+BASELINES = ("learn2learn", "higher", "learn2learn-cl")
 
 
 def make_model(row: Row, device: torch.device) -> torch.nn.Module:
@@ -101,16 +107,20 @@ def make_batch(row: Row, device: torch.device, seed: int) -> TaskBatch:
 def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     """fn(batch) that accumulates the meta-gradient of the mean query loss into model's .grad."""
     loss_fn = F.mse_loss if row.sinusoid else F.cross_entropy
-    if path in ("loop", "batched"):
+    if path in ("loop", "batched", "hybrid"):
         algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
                     loss="mse" if row.sinusoid else "cross_entropy").set_execution(path)
         return algo.meta_step
-    if path == "learn2learn":
+    if path in ("learn2learn", "learn2learn-cl"):
         import learn2learn as l2l
 
         maml = l2l.algorithms.MAML(model, lr=row.lr, first_order=row.first_order)
 
         def step(batch: TaskBatch):
+            if path == "learn2learn-cl":
+                batch = TaskBatch(Examples(channels_last(batch.support.x), batch.support.y),
+                                  Examples(channels_last(batch.query.x), batch.query.y),
+                                  batch.ways, batch.shots, batch.query_shots)
             for t in range(batch.num_tasks):
                 learner = maml.clone()
                 for _ in range(row.steps):
@@ -133,11 +143,13 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     raise ValueError(path)
 
 
-def available(path: str) -> bool:
-    if path in ("loop", "batched"):
+def available(path: str, row: Row) -> bool:
+    if path in ("loop", "batched", "hybrid"):
         return True
+    if path == "learn2learn-cl" and row.sinusoid:
+        return False
     try:
-        __import__(path)
+        __import__(path.split("-")[0])
         return True
     except Exception:
         return False
@@ -239,12 +251,12 @@ def main() -> int:
     if unknown:
         print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    paths = [p for p in args.paths.split(",") if available(p)]
-    if "loop" not in paths:
-        paths.insert(0, "loop")
     results = []
     for name in args.rows.split(","):
         row = ROWS[name]
+        paths = [p for p in args.paths.split(",") if available(p, row)]
+        if "loop" not in paths:
+            paths.insert(0, "loop")
         agree = check_agreement(row, paths, device)
         bad = {p: d for p, d in agree.items() if d > 1e-4}
         if bad:
@@ -260,7 +272,7 @@ def main() -> int:
             print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  (min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
                   f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB", flush=True)
     for r in results:  # speed-ups against the baselines of the same row
-        for base in ("learn2learn", "higher", "loop"):
+        for base in (*BASELINES, "loop"):
             other = next((o for o in results if o["row"] == r["row"] and o["path"] == base), None)
             if other is not None and base != r["path"]:
                 r[f"speedup_vs_{base}"] = round(other["ms_median"] / r["ms_median"], 3)

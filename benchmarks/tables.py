@@ -31,15 +31,20 @@ def meta_step_table(path: Path) -> str:
     paths = list(dict.fromkeys(r["path"] for r in d["results"]))
     rows = list(dict.fromkeys(r["row"] for r in d["results"]))
     by = {(r["row"], r["path"]): r for r in d["results"]}
-    head = "| setting | " + " | ".join(f"{p} ms" for p in paths) + " | best ours vs learn2learn | peak memory (MiB) |"
+    cl = "learn2learn-cl" in paths  # learn2learn on the same channels-last images
+    head = ("| setting | " + " | ".join(f"{p} ms" for p in paths) + " | best ours vs learn2learn |"
+            + (" best ours vs learn2learn-cl |" if cl else "") + " peak memory (MiB) |")
     lines = [f"**{path.name}** ({d['device']}, {d['device_name']}, {d['threads']} threads, torch {d['torch']}): "
              f"median ms per meta-iteration (meta-step + Adam).", f"`{d['command']}`", "", head,
-             "|" + "---|" * (len(paths) + 3)]
+             "|" + "---|" * (len(paths) + 3 + cl)]
     for row in rows:
         cells = [_ms(by[row, p]["ms_median"]) if (row, p) in by else "–" for p in paths]
-        ours = [by[row, p] for p in ("loop", "batched") if (row, p) in by]
+        ours = [by[row, p] for p in ("loop", "batched", "hybrid") if (row, p) in by]
         best = min(ours, key=lambda r: r["ms_median"]) if ours else None
         ratio = f"{best['speedup_vs_learn2learn']:.2f}x ({best['path']})" if best and "speedup_vs_learn2learn" in best else "–"
+        if cl:
+            key = "speedup_vs_learn2learn-cl"
+            ratio += " | " + (f"{best[key]:.2f}x ({best['path']})" if best and key in best else "–")
         mem = ", ".join(f"{p} {by[row, p]['peak_mib']:.0f}" for p in paths if (row, p) in by)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {ratio} | {mem} |")
     kinds = {r["memory"] for r in d["results"]}

@@ -100,11 +100,13 @@ class OuterConfig:
     execution: str = "auto"
     """How a meta-batch is adapted: `loop` = one task after another (the reference path); `batched` = all
     tasks at once, tasks as a batch dimension (grouped convolutions, batched matmuls; exact, see
-    metalearn/inner/batched.py); `auto` = batched where the model and algorithm support it, else loop
-    (the log says which)."""
+    metalearn/inner/batched.py); `hybrid` = support sets batched, query sets one task at a time (the
+    CPU's fastest for conv4); `auto` = batched on CUDA and for the MLP, hybrid for conv4 on a CPU,
+    the loop where neither applies (the log says which)."""
     task_chunk: int = 0
-    """batched execution: adapt at most this many tasks at once, accumulating gradients (bounds memory;
-    same result up to float rounding); 0 = the whole meta-batch."""
+    """batched/hybrid execution: adapt at most this many tasks at once, accumulating gradients (bounds
+    memory; same result up to float rounding); 0 = the whole meta-batch (hybrid on CPU: chunks whose
+    first-layer activations stay under 16 MB)."""
 
 
 @dataclass
@@ -311,8 +313,8 @@ def validate(cfg: Config) -> None:
                         ("outer.first_order_until", cfg.outer.first_order_until),
                         ("outer.final_lr", cfg.outer.final_lr)]:
         _positive(name, value, allow_zero=True)
-    if cfg.outer.execution not in ("auto", "loop", "batched"):
-        raise MetalearnError(f"outer.execution must be auto, loop or batched, got {cfg.outer.execution!r}")
+    if cfg.outer.execution not in ("auto", "loop", "batched", "hybrid"):
+        raise MetalearnError(f"outer.execution must be auto, loop, batched or hybrid, got {cfg.outer.execution!r}")
     _positive("outer.task_chunk", cfg.outer.task_chunk, allow_zero=True)
     if cfg.data.dataset in REGRESSION:
         _validate_regression(cfg, REGRESSION[cfg.data.dataset])

@@ -1,5 +1,6 @@
-"""The batched execution path (tasks as a batch dimension) against the per-task loop and the
-independent reference, in float64 with BatchNorm on: meta-gradients, metrics, evaluation."""
+"""The batched execution path (tasks as a batch dimension) and the hybrid one (batched support sets,
+per-task query sets) against the per-task loop and the independent reference, in float64 with
+BatchNorm on: meta-gradients, metrics, evaluation."""
 import pytest
 import torch
 
@@ -24,10 +25,13 @@ def grads_of(algo, batch) -> "tuple[dict, dict]":
     return {n: p.grad.clone() for n, p in named.items() if p.grad is not None}, metrics
 
 
-def both(make_algo, batch, task_chunk=0) -> "tuple[tuple, tuple]":
+FAST = ["batched", "hybrid"]
+
+
+def both(make_algo, batch, task_chunk=0, mode="batched") -> "tuple[tuple, tuple]":
     loop = grads_of(make_algo().set_execution("loop"), batch)
-    fast_algo = make_algo().set_execution("batched", task_chunk)
-    assert fast_algo.execution_plan()[0] == "batched"
+    fast_algo = make_algo().set_execution(mode, task_chunk)
+    assert fast_algo.execution_plan()[0] == mode
     return loop, grads_of(fast_algo, batch)
 
 
@@ -42,11 +46,12 @@ def test_batched_forward_equals_module_forward_per_task():
         torch.testing.assert_close(got[i], ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", FAST)
 @pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["bn", "nobn"])
-def test_batched_meta_gradient_matches_reference(first_order, batchnorm):
+def test_batched_meta_gradient_matches_reference(first_order, batchnorm, mode):
     model, batch = make_model(batchnorm=batchnorm), make_batch()
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order).set_execution("batched")
+    algo = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order).set_execution(mode)
     got, _ = grads_of(algo, batch)
     ref = maml_meta_gradient(dict(model.named_parameters()), batch, lr=LR, steps=STEPS, first_order=first_order,
                              batchnorm=batchnorm)
@@ -64,28 +69,35 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", FAST)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_batched_equals_loop(case):
+def test_batched_equals_loop(case, mode):
     model, batch = make_model(), make_batch()
-    (g_loop, m_loop), (g_fast, m_fast) = both(lambda: CASES[case](model), batch)
+    if mode == "hybrid" and case.startswith("anil"):  # ANIL batches its own query pass
+        with pytest.raises(MetalearnError, match="execution=hybrid is not available"):
+            CASES[case](model).set_execution("hybrid")
+        return
+    (g_loop, m_loop), (g_fast, m_fast) = both(lambda: CASES[case](model), batch, mode=mode)
     assert_close(g_fast, g_loop)
     assert m_fast["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
     assert m_fast["accuracy"] == pytest.approx(m_loop["accuracy"], abs=1e-12)
 
 
+@pytest.mark.parametrize("mode", FAST)
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_task_chunks_give_the_same_meta_gradient(chunk):
+def test_task_chunks_give_the_same_meta_gradient(chunk, mode):
     model, batch = make_model(), make_batch()
     make = lambda: MAML(model, inner_lr=LR, inner_steps=STEPS)  # noqa: E731
-    (g_loop, m_loop), (g_fast, m_fast) = both(make, batch, task_chunk=chunk)
+    (g_loop, m_loop), (g_fast, m_fast) = both(make, batch, task_chunk=chunk, mode=mode)
     assert_close(g_fast, g_loop)
     assert m_fast["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
 
 
-def test_float32_batched_within_1e4_of_loop():
+@pytest.mark.parametrize("mode", FAST)
+def test_float32_batched_within_1e4_of_loop(mode):
     torch.backends.cudnn.allow_tf32 = False
     model, batch = make_model().float(), make_batch(dtype=torch.float32)
-    (g_loop, _), (g_fast, _) = both(lambda: MAML(model, inner_lr=LR, inner_steps=STEPS), batch)
+    (g_loop, _), (g_fast, _) = both(lambda: MAML(model, inner_lr=LR, inner_steps=STEPS), batch, mode=mode)
     assert_close(g_fast, g_loop, rtol=1e-4)
 
 
@@ -107,13 +119,13 @@ def test_batched_mlp_regression_equals_loop(first_order):
     assert m_fast["mse"] == pytest.approx(m_loop["mse"], rel=1e-12)
 
 
-@pytest.mark.parametrize("case", ["maml", "metasgd", "anil"])
+@pytest.mark.parametrize("case", ["maml", "metasgd", "anil", "maml-hybrid", "metasgd-hybrid"])
 def test_batched_evaluation_equals_loop(case):
     model, batch = make_model(), make_batch()
     make = {"maml": lambda: MAML(model, inner_lr=LR, inner_steps=STEPS),
-            "metasgd": lambda: CASES["metasgd"](model), "anil": lambda: CASES["anil"](model)}[case]
+            "metasgd": lambda: CASES["metasgd"](model), "anil": lambda: CASES["anil"](model)}[case.split("-")[0]]
     loop = make().set_execution("loop").evaluate_batch(batch, steps=3, lr=0.3)
-    fast = make().set_execution("batched", 2).evaluate_batch(batch, steps=3, lr=0.3)
+    fast = make().set_execution(case.split("-")[1] if "-" in case else "batched", 2).evaluate_batch(batch, steps=3, lr=0.3)
     assert torch.equal(loop, fast)
 
 
@@ -127,7 +139,9 @@ def test_plan_falls_back_and_batched_refuses_unsupported():
     with pytest.raises(MetalearnError, match="execution must be"):
         MAML(model, inner_lr=LR, inner_steps=1).set_execution("fast")
     assert MAML(model, inner_lr=LR, inner_steps=1).set_execution("batched").execution_plan()[0] == "batched"
-    mode, why = MAML(model, inner_lr=LR, inner_steps=1).execution_plan()  # auto: conv4 on CPU loops
+    mode, why = MAML(model, inner_lr=LR, inner_steps=1).execution_plan()  # auto: conv4 on CPU -> hybrid
+    assert mode == "hybrid" and "query sets one task at a time" in why
+    mode, why = ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1).execution_plan()  # no hybrid for ANIL
     assert mode == "loop" and "per-task loop is faster" in why
     assert MAML(MLP(), inner_lr=LR, inner_steps=1, loss="mse").execution_plan()[0] == "batched"
 
@@ -142,3 +156,31 @@ def test_batched_on_cuda_matches_loop_float32_without_tf32():
     assert make().execution_plan()[0] == "batched"  # auto picks batched on CUDA
     (g_loop, _), (g_fast, _) = both(make, batch)
     assert_close(g_fast, g_loop, rtol=1e-4)
+
+
+def test_hybrid_automatic_chunks_split_the_support_batch(monkeypatch):
+    import metalearn.algorithms.base as base
+
+    model, batch = make_model(), make_batch()
+    monkeypatch.setattr(base, "HYBRID_CHUNK_ELEMENTS", 1)  # -> one task per chunk
+    algo = MAML(model, inner_lr=LR, inner_steps=STEPS).set_execution("hybrid")
+    assert [sl.stop - sl.start for sl in algo._hybrid_chunks(batch)] == [1] * batch.num_tasks
+    (g_loop, _), (g_fast, _) = both(lambda: MAML(model, inner_lr=LR, inner_steps=STEPS), batch, mode="hybrid")
+    assert_close(g_fast, g_loop)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 1, 12, 12), (2, 5, 3, 10, 10), (7, 1, 9, 9)])
+def test_channels_last_keeps_values_and_makes_convolutions_channels_last(shape):
+    from metalearn.inner.layout import channels_last, is_channels_last
+
+    x = torch.rand(shape, dtype=torch.float64)
+    y = channels_last(x)
+    assert torch.equal(x, y) and is_channels_last(y) and not is_channels_last(torch.rand(*shape[:-3], 2, *shape[-2:]))
+    assert (y.data_ptr() == x.data_ptr()) == (shape[-3] == 1)  # a view for one channel, a copy otherwise
+    image = y[0] if y.dim() == 5 else y[0:3]  # one task of a meta-batch, as the hybrid path indexes it
+    w = torch.rand(4, shape[-3], 3, 3, dtype=torch.float64)
+    out = torch.nn.functional.conv2d(image, w, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(image.contiguous(), w, padding=1))
+    with pytest.raises(ValueError, match="expects images"):
+        channels_last(torch.rand(3, 4))

@@ -27,10 +27,17 @@ from torch import Tensor, nn
 from ..errors import MetalearnError
 from ..inner import forward, run_inner_loop, select
 from ..inner.batched import batched_forward, batched_inner_loop, task_losses, task_metrics
+from ..inner.layout import channels_last
 from ..inner.rules import LRSpec
 from ..types import Examples, Params, TaskBatch
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+EXECUTIONS = ("auto", "loop", "batched", "hybrid")
+# hybrid on CPU: support tasks adapted together in chunks whose first-layer activations stay under
+# this many elements (16 MB in float32). Larger tensors exceed glibc's largest heap block (32 MB),
+# are mmap-ed afresh on every allocation and page-fault on every use (measured: a 32 MB multiply
+# took 46 ms where 16 MB ones took 0.8 ms).
+HYBRID_CHUNK_ELEMENTS = 4 * 2**20
 METRICS = {"cross_entropy": "accuracy", "mse": "mse"}
 
 
@@ -95,8 +102,15 @@ class GradientMetaLearner(MetaLearner):
                per-operator overhead. For algorithms that keep the default inner loop (SGD with a
                float / per-tensor / per-element lr, the plain forward) on conv4 or mlp, and for those
                that override `_batched_support` and `_batched_query_outputs` (ANIL).
-      auto     batched where supported (on CPU only for the MLP, see execution_plan), else loop;
-               `execution_plan()` says which and why.
+      hybrid   support sets adapted batched (as above, `task_chunk` tasks at a time), then each task's
+               query loss differentiated on its own at detached adapted parameters theta'_t with
+               ordinary convolutions on channels-last images (CPU), and the stacked query gradients
+               pushed back through the batched support graph in one backward. The same meta-gradient
+               (d L_q / d theta = (d theta' / d theta)^T d L_q / d theta'): the small support passes
+               lose their per-task overhead, the large query passes keep the loop's cache locality.
+               For the algorithms batched supports that batch no query pass of their own (not ANIL).
+      auto     on CUDA: batched; on CPU: batched for the MLP, hybrid for conv4 (measured fastest,
+               benchmarks/results/meta_step_cpu.json); else loop. `execution_plan()` says which and why.
     (No torch.func.vmap: vmap through BatchNorm gives a wrong second-order meta-gradient.)
     """
 
@@ -158,16 +172,22 @@ class GradientMetaLearner(MetaLearner):
 
     # --- execution: per-task loop or batched --------------------------------------------------
     def set_execution(self, mode: str = "auto", task_chunk: int = 0) -> "GradientMetaLearner":
-        if mode not in ("auto", "loop", "batched"):
-            raise MetalearnError(f"execution must be auto, loop or batched, got {mode!r}")
+        if mode not in EXECUTIONS:
+            raise MetalearnError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
         if task_chunk < 0:
             raise MetalearnError(f"task_chunk must be >= 0, got {task_chunk}")
         self.execution, self.task_chunk = mode, task_chunk
-        if mode == "batched":
-            ok, why = self._batched_support()
+        if mode in ("batched", "hybrid"):
+            ok, why = self._hybrid_support() if mode == "hybrid" else self._batched_support()
             if not ok:
-                raise MetalearnError(f"execution=batched is not available: {why}; use execution=loop or auto")
+                raise MetalearnError(f"execution={mode} is not available: {why}; use execution=loop or auto")
         return self
+
+    def _hybrid_support(self) -> "tuple[bool, str]":
+        ok, why = self._batched_support()
+        if ok and type(self)._batched_query_outputs is not GradientMetaLearner._batched_query_outputs:
+            return False, f"{type(self).__name__} batches its query pass itself (use batched)"
+        return ok, why
 
     def _batched_support(self) -> "tuple[bool, str]":
         """(can the batched path run this algorithm and model, why not)."""
@@ -182,11 +202,11 @@ class GradientMetaLearner(MetaLearner):
         return True, ""
 
     def execution_plan(self) -> "tuple[str, str]":
-        """("loop" | "batched", a one-line reason) for the current `execution` setting.
+        """("loop" | "batched" | "hybrid", a one-line reason) for the current `execution` setting.
 
-        auto picks batched on CUDA, and on CPU only for the MLP: on a CPU the per-task loop keeps
-        each task's conv activations in cache and measured faster for conv4 (benchmarks/results/
-        meta_step_cpu.json), while one small MLP per task is all per-operator overhead.
+        auto picks batched on CUDA; on CPU batched for the MLP (one small MLP per task is all
+        per-operator overhead) and hybrid for conv4, whose large query passes run faster one task
+        at a time with their activations in cache (benchmarks/results/meta_step_cpu.json).
         """
         if self.execution == "loop":
             return "loop", "execution=loop"
@@ -194,9 +214,14 @@ class GradientMetaLearner(MetaLearner):
         if not ok:
             return "loop", f"batched path unavailable ({why})"
         chunk = f", {self.task_chunk} tasks at a time" if self.task_chunk else ""
+        hybrid = "hybrid", f"support sets batched{chunk}, query sets one task at a time"
+        if self.execution == "hybrid":
+            return hybrid
         if self.execution == "auto":
             device = next(self.model.parameters()).device
             if device.type == "cpu" and type(self.model).__name__ != "MLP":
+                if self._hybrid_support()[0]:
+                    return hybrid[0], f"auto on CPU with {type(self.model).__name__}: {hybrid[1]}"
                 return "loop", f"auto on CPU with {type(self.model).__name__}: the per-task loop is faster there"
         return "batched", f"tasks as a batch dimension{chunk}"
 
@@ -206,6 +231,63 @@ class GradientMetaLearner(MetaLearner):
     def _chunks(self, T: int) -> "list[slice]":
         size = self.task_chunk or T
         return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
+
+    # --- hybrid: batched support sets, per-task query sets ------------------------------------
+    def _hybrid_chunks(self, batch: TaskBatch) -> "list[slice]":
+        T = batch.num_tasks
+        if self.task_chunk or batch.support.x.device.type != "cpu" or batch.support.x.dim() < 5:
+            return self._chunks(T)
+        first = getattr(getattr(self.model, "features", [None])[0], "conv", None)
+        width = first.out_channels if isinstance(first, nn.Conv2d) else batch.support.x.shape[2]
+        per_task = batch.support.x[0].numel() // batch.support.x.shape[2] * width
+        size = max(1, min(T, HYBRID_CHUNK_ELEMENTS // max(per_task, 1)))
+        return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
+
+    def _hybrid_adapt(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
+                      first_order: bool) -> Params:
+        """Adapted parameters of tasks `sl`: adapted names (Tc, *shape), the others shared."""
+        sup_x = batch.support.x[sl]
+        return batched_inner_loop(batched_forward(self.model), params, sup_x, batch.support.y[sl], adapt=self.adapt,
+                                  lr=lr, steps=steps, first_order=first_order, loss=self.loss,
+                                  num_tasks=sup_x.shape[0])
+
+    @staticmethod
+    def _query_images(x: Tensor) -> Tensor:
+        return channels_last(x) if x.device.type == "cpu" and x.dim() >= 5 else x
+
+    def _hybrid_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
+        """meta_step with batched support sets and per-task query sets (see the class docstring)."""
+        params, T = self.params(), batch.num_tasks
+        query_x, last = self._query_images(batch.query.x), max(self.inner_steps - 1, 0)
+        total_loss, total_metric = 0.0, 0.0
+        for sl in self._hybrid_chunks(batch):
+            fast = self._hybrid_adapt(params, batch, sl, steps=self.inner_steps, lr=self.lr_spec(),
+                                      first_order=self.first_order)
+            names = [n for n in self.adapt if fast[n].requires_grad]
+            vjp = {n: torch.zeros_like(fast[n]) for n in names}
+            for j, i in enumerate(range(sl.start, sl.stop)):
+                leaves = {n: fast[n][j].detach().requires_grad_() for n in self.adapt}
+                out = self.forward_fn({**params, **leaves}, query_x[i], last)
+                loss = self.loss_fn(out, batch.query.y[i])
+                (loss / T).backward()  # shared (non-adapted) parameters get their direct gradient here
+                for n in names:
+                    if leaves[n].grad is not None:
+                        vjp[n][j] = leaves[n].grad
+                total_loss += loss.item()
+                total_metric += metric(out.detach(), batch.query.y[i], self.loss).item()
+            if names:  # through the support graph: theta, and learnables such as Meta-SGD's alpha
+                torch.autograd.backward([fast[n] for n in names], [vjp[n] for n in names])
+        return {"loss": total_loss / T, self.metric_name: total_metric / T}
+
+    def _hybrid_evaluate(self, batch: TaskBatch, steps: int, lr: Optional[float]) -> Tensor:
+        params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
+        query_x, last, out = self._query_images(batch.query.x), max(steps - 1, 0), []
+        for sl in self._hybrid_chunks(batch):
+            fast = self._hybrid_adapt(params, batch, sl, steps=steps, lr=self.lr_spec(lr), first_order=True)
+            for j, i in enumerate(range(sl.start, sl.stop)):
+                task = {**params, **{n: fast[n][j].detach() for n in self.adapt}}
+                out.append(metric(self.forward_fn(task, query_x[i], last), batch.query.y[i], self.loss))
+        return torch.stack(out).cpu()
 
     def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
                                first_order: bool) -> Tensor:
@@ -241,8 +323,11 @@ class GradientMetaLearner(MetaLearner):
 
         Returns the mean query loss and accuracy (or MSE) of the adapted models (before the outer step).
         """
-        if self._batched():
+        plan = self.execution_plan()[0]
+        if plan == "batched":
             return self._batched_meta_step(batch)
+        if plan == "hybrid":
+            return self._hybrid_meta_step(batch)
         params = self.params()
         total_loss, total_metric, T = 0.0, 0.0, batch.num_tasks
         for i in range(T):
@@ -257,8 +342,11 @@ class GradientMetaLearner(MetaLearner):
                        transductive: bool = True) -> Tensor:
         """Query accuracy (or MSE) of each task after adapting on its support set: (T,) float64."""
         steps = self.inner_steps if steps is None else steps
-        if transductive and self._batched():
+        plan = self.execution_plan()[0] if transductive else "loop"
+        if plan == "batched":
             return self._batched_evaluate(batch, steps, lr)
+        if plan == "hybrid":
+            return self._hybrid_evaluate(batch, steps, lr)
         params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
         out = []
         for i in range(batch.num_tasks):

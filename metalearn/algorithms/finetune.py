@@ -95,8 +95,10 @@ class FineTune(MetaLearner):
             raise MetalearnError(f"finetune: unknown head {head!r} or head_init {head_init!r}")
         if head == "cosine" and head_init == "zero":
             raise MetalearnError("finetune: a cosine head cannot start at zero")
-        if optimizer not in ("sgd", "adam") or execution not in ("auto", "loop", "batched"):
-            raise MetalearnError(f"finetune: unknown optimizer {optimizer!r} or execution {execution!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise MetalearnError(f"finetune: optimizer must be sgd or adam, got {optimizer!r}")
+        if execution not in ("auto", "loop", "batched"):
+            raise MetalearnError(f"finetune: execution must be auto, loop or batched, got {execution!r}")
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.head, self.cosine_scale, self.head_init, self.head_seed = head, cosine_scale, head_init, head_seed
         self.optimizer, self.weight_decay = optimizer, weight_decay
