@@ -10,7 +10,6 @@ reference to float rounding).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
