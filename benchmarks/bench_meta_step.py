@@ -24,7 +24,9 @@ Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimensio
 (l2l.algorithms.MAML, clone/adapt per task), higher (innerloop_ctx per task), and
 learn2learn-cl: learn2learn fed the same channels-last images that hybrid uses (what a
 learn2learn user could do by hand; it shows how much of a CPU speed-up is memory layout alone;
-image rows only). learn2learn and higher are imported here only; a path whose package is missing
+image rows only). Not run by default: loop+ckpt, batched+ckpt, hybrid+ckpt, the same paths with
+inner-loop activation checkpointing (set_execution(..., checkpoint=True)), to measure the memory it
+saves. learn2learn and higher are imported here only; a path whose package is missing
 is reported as skipped.
 """
 from __future__ import annotations
@@ -79,6 +81,8 @@ ROWS = {r.name: r for r in [
 ]}
 PATHS = ["loop", "batched", "hybrid", "learn2learn", "higher", "learn2learn-cl"]
 BASELINES = ("learn2learn", "higher", "learn2learn-cl")
+OURS = ("loop", "batched", "hybrid")
+CHECKPOINTED = [f"{p}+ckpt" for p in OURS]
 
 
 def make_model(row: Row, device: torch.device) -> torch.nn.Module:
@@ -107,9 +111,10 @@ def make_batch(row: Row, device: torch.device, seed: int) -> TaskBatch:
 def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     """fn(batch) that accumulates the meta-gradient of the mean query loss into model's .grad."""
     loss_fn = F.mse_loss if row.sinusoid else F.cross_entropy
-    if path in ("loop", "batched", "hybrid"):
+    if path.split("+")[0] in OURS:
         algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
-                    loss="mse" if row.sinusoid else "cross_entropy").set_execution(path)
+                    loss="mse" if row.sinusoid else "cross_entropy")
+        algo.set_execution(path.split("+")[0], checkpoint=path.endswith("+ckpt"))
         return algo.meta_step
     if path in ("learn2learn", "learn2learn-cl"):
         import learn2learn as l2l
@@ -144,7 +149,7 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
 
 
 def available(path: str, row: Row) -> bool:
-    if path in ("loop", "batched", "hybrid"):
+    if path.split("+")[0] in OURS:
         return True
     if path == "learn2learn-cl" and row.sinusoid:
         return False
@@ -247,7 +252,7 @@ def main() -> int:
         print(json.dumps(worker(ROWS[args.worker[0]], args.worker[1], device, args.reps, args.warmup)))
         return 0
 
-    unknown = [r for r in args.rows.split(",") if r not in ROWS] + [p for p in args.paths.split(",") if p not in PATHS]
+    unknown = [r for r in args.rows.split(",") if r not in ROWS] + [p for p in args.paths.split(",") if p not in PATHS + CHECKPOINTED]
     if unknown:
         print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ def meta_step_table(path: Path) -> str:
              "|" + "---|" * (len(paths) + 3 + cl)]
     for row in rows:
         cells = [_ms(by[row, p]["ms_median"]) if (row, p) in by else "–" for p in paths]
-        ours = [by[row, p] for p in ("loop", "batched", "hybrid") if (row, p) in by]
+        ours = [by[row, p] for p in paths if (row, p) in by and p.split("+")[0] in ("loop", "batched", "hybrid")]
         best = min(ours, key=lambda r: r["ms_median"]) if ours else None
         ratio = f"{best['speedup_vs_learn2learn']:.2f}x ({best['path']})" if best and "speedup_vs_learn2learn" in best else "–"
         if cl:

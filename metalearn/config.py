@@ -75,6 +75,10 @@ class InnerConfig:
     selected 1-dim tensors (biases, BatchNorm) still adapt in full. maml/fomaml/finetune only."""
     lora_alpha: float = 0.0
     """LoRA scale numerator: delta = (lora_alpha / lora_rank) * B A; 0 means lora_alpha = lora_rank (scale 1)."""
+    checkpoint: bool = False
+    """Activation checkpointing across inner steps (second order): each step's activations are recomputed
+    in the outer backward instead of kept, so memory stays flat in inner.steps, for about one more support
+    forward and backward per step; the same meta-gradient. maml/fomaml/boil/metasgd."""
 
 
 @dataclass

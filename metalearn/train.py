@@ -74,6 +74,8 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
 
     name = cfg.outer.algorithm
     loss = "mse" if cfg.data.dataset == "sinusoid" else "cross_entropy"
+    if cfg.inner.checkpoint and name not in ("maml", "fomaml", "boil", "metasgd"):
+        raise MetalearnError(f"inner.checkpoint: not available for {name} (maml, fomaml, boil, metasgd only)")
     if name == "protonet":
         return ALGORITHMS[name](model, loss=loss)
     if name == "finetune":  # transfer-learning baseline (metalearn/algorithms/finetune.py)
@@ -92,7 +94,7 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
     else:
         algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order, **common)
     if hasattr(algorithm, "set_execution"):  # per-task loop or batched (metalearn/inner/batched.py)
-        algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk)
+        algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk, checkpoint=cfg.inner.checkpoint)
     if cfg.inner.lora_rank:  # maml / fomaml: the inner loop adapts LoRA deltas (metalearn/inner/lora.py)
         algorithm.use_lora(cfg.inner.lora_rank, cfg.inner.lora_alpha)
         from .inner.lora import adapted_size

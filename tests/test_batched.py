@@ -184,3 +184,28 @@ def test_channels_last_keeps_values_and_makes_convolutions_channels_last(shape):
     torch.testing.assert_close(out, torch.nn.functional.conv2d(image.contiguous(), w, padding=1))
     with pytest.raises(ValueError, match="expects images"):
         channels_last(torch.rand(3, 4))
+
+
+@pytest.mark.parametrize("mode", ["loop", *FAST])
+@pytest.mark.parametrize("case", ["maml", "metasgd", "maml-head-only"])
+def test_inner_checkpointing_gives_the_same_meta_gradient(case, mode):
+    model, batch = make_model(), make_batch()
+    make = {"maml": lambda: MAML(model, inner_lr=LR, inner_steps=STEPS),
+            "metasgd": lambda: CASES["metasgd"](model), "maml-head-only": lambda: CASES["maml-head-only"](model)}[case]
+    plain, _ = grads_of(make().set_execution(mode), batch)
+    ckpt, metrics = grads_of(make().set_execution(mode, checkpoint=True), batch)
+    assert set(ckpt) == set(plain)
+    for n in plain:  # same arithmetic, recomputed: bit for bit on CPU
+        assert torch.equal(ckpt[n], plain[n]), n
+
+
+def test_inner_checkpointing_is_refused_where_it_would_be_ignored():
+    model = make_model()
+    with pytest.raises(MetalearnError, match="inner.checkpoint: ANIL runs its own inner loop"):
+        ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1).set_execution("auto", checkpoint=True)
+    from metalearn.inner import Adam, run_inner_loop
+
+    support = Examples(make_batch().support.x[0], make_batch().support.y[0])
+    with pytest.raises(ValueError, match="stateless rule"):
+        run_inner_loop(model, dict(model.named_parameters()), support, adapt=["head.weight"], steps=1,
+                       rule=Adam(0.1), checkpoint=True)

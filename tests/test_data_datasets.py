@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np

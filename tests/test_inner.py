@@ -4,8 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from metalearn.inner import Adam, PerElementLR, PerStepLR, SGD, run_inner_loop
-from metalearn.models import Conv4
-from metalearn.types import Examples
 
 from test_maml_gradients import make_batch, make_model
 

@@ -116,6 +116,7 @@ class GradientMetaLearner(MetaLearner):
 
     execution: str = "auto"
     task_chunk: int = 0
+    checkpoint: bool = False  # inner-loop activation checkpointing (see set_execution)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
@@ -142,7 +143,7 @@ class GradientMetaLearner(MetaLearner):
         fast = run_inner_loop(self.model, params, support, adapt=adapt, lr=self.lr_spec(lr),
                               steps=self.inner_steps if steps is None else steps,
                               first_order=self.first_order if first_order is None else first_order,
-                              loss_fn=self.loss_fn, forward_fn=forward_fn).params
+                              loss_fn=self.loss_fn, forward_fn=forward_fn, checkpoint=self.checkpoint).params
         return self.lora.merge(fast) if self.lora is not None else fast
 
     # --- LoRA inner loop (metalearn/inner/lora.py) ----------------------------------------------
@@ -171,7 +172,15 @@ class GradientMetaLearner(MetaLearner):
         return self.loss_fn(out, batch.query.y[i]), out
 
     # --- execution: per-task loop or batched --------------------------------------------------
-    def set_execution(self, mode: str = "auto", task_chunk: int = 0) -> "GradientMetaLearner":
+    def set_execution(self, mode: str = "auto", task_chunk: int = 0, checkpoint: bool = False) -> "GradientMetaLearner":
+        """mode: see the class docstring; task_chunk: tasks adapted at once by batched/hybrid (0 = all);
+        checkpoint: recompute each inner step's activations in the outer backward instead of keeping
+        them (second order: memory flat in the number of inner steps, about one more support forward
+        and backward per step; the same meta-gradient)."""
+        if checkpoint and type(self).task_loss is not GradientMetaLearner.task_loss:
+            raise MetalearnError(f"inner.checkpoint: {type(self).__name__} runs its own inner loop; "
+                                 "supported: maml, fomaml, boil, metasgd")
+        self.checkpoint = checkpoint
         if mode not in EXECUTIONS:
             raise MetalearnError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
         if task_chunk < 0:
@@ -249,7 +258,7 @@ class GradientMetaLearner(MetaLearner):
         sup_x = batch.support.x[sl]
         return batched_inner_loop(batched_forward(self.model), params, sup_x, batch.support.y[sl], adapt=self.adapt,
                                   lr=lr, steps=steps, first_order=first_order, loss=self.loss,
-                                  num_tasks=sup_x.shape[0])
+                                  num_tasks=sup_x.shape[0], checkpoint=self.checkpoint)
 
     @staticmethod
     def _query_images(x: Tensor) -> Tensor:
@@ -294,7 +303,8 @@ class GradientMetaLearner(MetaLearner):
         """Query outputs (Tc, Q, ...) of tasks `sl`, each adapted on its support set, all at once."""
         fwd, sup_x = batched_forward(self.model), batch.support.x[sl]
         fast = batched_inner_loop(fwd, params, sup_x, batch.support.y[sl], adapt=self.adapt, lr=lr, steps=steps,
-                                  first_order=first_order, loss=self.loss, num_tasks=sup_x.shape[0])
+                                  first_order=first_order, loss=self.loss, num_tasks=sup_x.shape[0],
+                                  checkpoint=self.checkpoint)
         return fwd(fast, batch.query.x[sl])
 
     def _batched_meta_step(self, batch: TaskBatch) -> Dict[str, float]:

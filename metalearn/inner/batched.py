@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..types import Params
+from .loop import checkpointed
 from .rules import LRSpec, lr_of
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
@@ -135,22 +136,25 @@ def task_metrics(out: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 def batched_inner_loop(fwd: BatchedForward, params: Params, x: Tensor, y: Tensor, *, adapt: Sequence[str],
-                       lr: LRSpec, steps: int, first_order: bool, loss: str, num_tasks: int) -> Params:
+                       lr: LRSpec, steps: int, first_order: bool, loss: str, num_tasks: int,
+                       checkpoint: bool = False) -> Params:
     """`steps` SGD steps for all tasks at once on support sets x (T, B, ...), y (T, B, ...).
 
     params: name -> shared tensor; the adapted names come back with a task dimension (T, *shape),
     the others unchanged. lr(n, s) may be a float, a scalar tensor or a tensor of the parameter's
-    shape (Meta-SGD); it is shared by all tasks.
+    shape (Meta-SGD); it is shared by all tasks. checkpoint: as in run_inner_loop.
     """
     fast = dict(params)
     with torch.enable_grad():
         for n in adapt:
             fast[n] = _task(params[n], params[n].shape, num_tasks)
         for s in range(steps):
-            total = task_losses(fwd(fast, x), y, loss).sum()  # task t's loss depends on task t's params only
-            grads = torch.autograd.grad(total, [fast[n] for n in adapt], create_graph=not first_order)
-            for n, g in zip(adapt, grads):
-                fast[n] = fast[n] - lr_of(lr, n, s) * g
+            def step(fast: Params, s: int = s) -> Params:
+                total = task_losses(fwd(fast, x), y, loss).sum()  # task t's loss depends on task t's params only
+                grads = torch.autograd.grad(total, [fast[n] for n in adapt], create_graph=not first_order)
+                return {**fast, **{n: fast[n] - lr_of(lr, n, s) * g for n, g in zip(adapt, grads)}}
+
+            fast = checkpointed(step, fast, list(adapt)) if checkpoint and not first_order else step(fast)
     return fast
 
 

@@ -14,6 +14,12 @@ learnable lr stays in the graph (Meta-SGD's first-order mode still trains alpha)
 
 `forward_fn(params, x, step)` lets a model take the step index (MAML++'s per-step BatchNorm)
 or lets ANIL run only the head on cached features; the default is `model(x)` at `params`.
+
+checkpoint=True (second order, stateless rules): each step runs under
+torch.utils.checkpoint (non-reentrant), so the support activations and the step's backward
+graph are not kept; the outer backward recomputes them, step by step. Memory no longer grows
+with the number of steps (beyond the S parameter sets theta_s), for about one more support
+forward and backward per step. The meta-gradient is the same (tests: bit for bit on CPU).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..types import Examples, Params
 from .rules import SGD, LRSpec
@@ -45,10 +52,20 @@ class InnerResult:
     state: Any
 
 
+def checkpointed(update: Callable[[Params], Params], fast: Params, names: Sequence[str]) -> Params:
+    """update(fast) with the tensors `names` as the checkpoint's inputs: activations inside `update`
+    are dropped after the forward and recomputed when the backward needs them."""
+    def run(*tensors: Tensor):
+        new = update({**fast, **dict(zip(names, tensors))})
+        return tuple(new[n] for n in names)
+
+    return {**fast, **dict(zip(names, _checkpoint(run, *[fast[n] for n in names], use_reentrant=False)))}
+
+
 def run_inner_loop(model: nn.Module, params: Params, support: Examples, *, adapt: Sequence[str], steps: int,
           rule=None, lr: Optional[LRSpec] = None, state: Any = None, first_order: bool = False,
           loss_fn: Loss = F.cross_entropy, forward_fn: Optional[ForwardFn] = None,
-          trajectory: bool = False) -> InnerResult:
+          trajectory: bool = False, checkpoint: bool = False) -> InnerResult:
     """Run `steps` updates of `rule` (default SGD(lr)) on one task's support set (x (B, ...), y (B, ...)).
 
     `state` is the rule's starting state (None = rule.init); it is returned, never mutated.
@@ -63,11 +80,20 @@ def run_inner_loop(model: nn.Module, params: Params, support: Examples, *, adapt
     fast = dict(params)
     state = rule.init(params, names) if state is None else state
     path: List[Params] = []
+    if checkpoint and state is not None:
+        raise ValueError(f"inner-loop checkpointing needs a stateless rule, not {type(rule).__name__}")
+
+    def step(fast: Params, state: Any, s: int):
+        loss = loss_fn(forward_fn(fast, support.x, s), support.y)
+        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
+        return rule.step(fast, dict(zip(names, grads)), state, s)
+
     with torch.enable_grad():
         for s in range(steps):
-            loss = loss_fn(forward_fn(fast, support.x, s), support.y)
-            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
-            fast, state = rule.step(fast, dict(zip(names, grads)), state, s)
+            if checkpoint and not first_order:
+                fast = checkpointed(lambda f: step(f, None, s)[0], fast, names)
+            else:
+                fast, state = step(fast, state, s)
             if trajectory:
                 path.append(fast)
     return InnerResult(fast, path, state)
