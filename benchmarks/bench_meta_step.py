@@ -160,11 +160,19 @@ def available(path: str, row: Row) -> bool:
         return False
 
 
-def check_agreement(row: Row, paths: list[str], device: torch.device) -> dict:
-    """Max relative difference of each path's meta-gradient to the loop's, same weights and batch (float32)."""
+def check_agreement(row: Row, paths: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+    """Max relative difference of each path's meta-gradient to the loop's, same weights and batch.
+
+    In float64 this is the correctness gate (every path computes the same function, so they agree to
+    ~1e-15); in float32 it is informational: with BatchNorm over 5 support images and several inner
+    steps at lr 0.4, float32 rounding alone moves the loop's own meta-gradient by up to ~1e-3
+    relative on these noise batches (the same for every path, learn2learn's included)."""
     batch, grads = make_batch(row, device, seed=123), {}
+    f = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    batch = TaskBatch(Examples(f(batch.support.x), f(batch.support.y)), Examples(f(batch.query.x), f(batch.query.y)),
+                      batch.ways, batch.shots, batch.query_shots)
     for path in paths:
-        model = make_model(row, device)
+        model = make_model(row, device).to(dtype)
         meta_step_fn(path, row, model)(batch)
         grads[path] = torch.cat([p.grad.flatten() for p in model.parameters()])
     ref = grads["loop"]
@@ -262,17 +270,19 @@ def main() -> int:
         paths = [p for p in args.paths.split(",") if available(p, row)]
         if "loop" not in paths:
             paths.insert(0, "loop")
-        agree = check_agreement(row, paths, device)
-        bad = {p: d for p, d in agree.items() if d > 1e-4}
+        agree = check_agreement(row, paths, device, torch.float64)
+        bad = {p: d for p, d in agree.items() if d > 1e-8}
         if bad:
-            print(f"bench_meta_step: {name}: paths disagree with the loop (max relative gradient difference {bad})",
-                  file=sys.stderr)
+            print(f"bench_meta_step: {name}: paths disagree with the loop in float64 (max relative gradient "
+                  f"difference {bad})", file=sys.stderr)
             return 1
+        agree32 = check_agreement(row, paths, device, torch.float32)
         for path in paths:
             cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
                    str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            res.update(row=name, path=path, grad_rel_diff_vs_loop=agree[path], setting=asdict(row))
+            res.update(row=name, path=path, grad_rel_diff_vs_loop_float64=agree[path],
+                       grad_rel_diff_vs_loop_float32=agree32[path], setting=asdict(row))
             results.append(res)
             print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  (min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
                   f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB", flush=True)

@@ -231,6 +231,9 @@ class Config:
     """`cpu`, `cuda`, `cuda:N` or `auto`."""
     dtype: str = "float32"
     """`float32` or `float64` for parameters and images."""
+    precision: str = "fp32"
+    """Arithmetic of the meta-step (metalearn/precision.py): `fp32` (exact; turns TF32 off on CUDA), `tf32`
+    (CUDA tensor cores) or `bf16` (autocast); evaluation always runs in `dtype`."""
     threads: int = 0
     """torch.set_num_threads; 0 leaves torch's default."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -352,6 +355,10 @@ def validate(cfg: Config) -> None:
         _positive(name, value, allow_zero=True)
     if cfg.dtype not in ("float32", "float64"):
         raise MetalearnError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
+    if cfg.precision not in ("fp32", "tf32", "bf16"):
+        raise MetalearnError(f"precision must be fp32, tf32 or bf16, got {cfg.precision!r}")
+    if cfg.precision != "fp32" and cfg.dtype != "float32":
+        raise MetalearnError(f"precision={cfg.precision} needs dtype=float32, got {cfg.dtype}")
     if cfg.eval.split not in ("train", "val", "test"):
         raise MetalearnError(f"eval.split must be train, val or test, got {cfg.eval.split!r}")
     if not cfg.inner.adapt:

@@ -27,6 +27,7 @@ from .checkpoint import CHECKPOINT_NAME, git_info, load_checkpoint, rng_state, s
 from .config import Config, from_dict, to_dict
 from .data import REGRESSION, EpisodeSampler, SinusoidSampler, check_episode_fits, open_dataset
 from .errors import MetalearnError
+from .precision import meta_step_context, set_precision
 from .evaluation import EvalResult, evaluate
 from .inner import select
 from .models import build_model
@@ -277,6 +278,7 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
 
     # --- seeding and device -------------------------------------------------------------
     device, dtype = seed_and_device(cfg)
+    set_precision(cfg.precision, device)  # before anything is written: tf32 without CUDA is refused here
 
     # --- data: open (cheap), check every episode shape against the splits, then decode ----
     ds, splits = check_data(cfg)
@@ -366,7 +368,8 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
                 # with several processes, a signal seen by any of them before this step's all-reduce
                 # stops all of them after this same step (a later one counts at the next step)
                 flags = [float(stop.received == "SIGINT"), float(stop.received == "SIGTERM")]
-                metrics, flags = sharded_meta_step(algorithm, sampler, cfg.outer.meta_batch_size, reduced, flags, dist)
+                with meta_step_context(cfg.precision, device):  # bf16: autocast; fp32/tf32: nothing
+                    metrics, flags = sharded_meta_step(algorithm, sampler, cfg.outer.meta_batch_size, reduced, flags, dist)
                 halt = (("SIGINT" if flags[0] else "SIGTERM") if any(flags) else None) if dist.enabled else stop.received
                 bad = _nonfinite(metrics, checked)
                 if bad is not None:

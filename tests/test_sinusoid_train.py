@@ -2,6 +2,7 @@
 well below the untrained model's on the same fixed episodes), a SIGKILLed run resumes bit-identically,
 `metalearn eval` reproduces and varies the evaluation, and nonsense settings are one-line errors."""
 import json
+import math
 import random
 import signal
 import subprocess
@@ -142,3 +143,22 @@ def test_list_shows_sinusoid_and_bench_runs_it(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(PRESET), "threads=1", "--steps", "3", "--warmup", "1", "--out", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["meta_batch_size"] == 25 and result["tasks_per_s"] > 0
+
+
+def test_inner_checkpoint_training_is_bit_identical_and_bf16_trains(tmp_path):
+    short = ["outer.iterations=20", "inner.steps=3"]
+    plain = _train(tmp_path, "plain", *short)
+    ckpt = _train(tmp_path, "ckpt", *short, "inner.checkpoint=true")
+    assert ckpt["accuracies"] == plain["accuracies"]  # per-episode MSEs, recomputed activations
+    bf16 = _train(tmp_path, "bf16", *short, "precision=bf16")
+    assert all(math.isfinite(v) for v in bf16["accuracies"]) and bf16["accuracies"] != plain["accuracies"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precision=tf32", "precision=tf32 needs a CUDA device"),
+    ("outer.algorithm=reptile inner.checkpoint=true", "inner.checkpoint: not available for reptile"),
+])
+def test_precision_and_checkpoint_refusals_are_one_line_errors(tmp_path, override, message):
+    proc = run_cli("train", str(PRESET), *override.split(), f"tracking.out_dir={tmp_path / 'runs'}")
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "runs").exists()
