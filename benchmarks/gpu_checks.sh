@@ -27,8 +27,11 @@ timeout 120 python -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -5
 timeout 120 python -m pytest -q tests/test_batched.py -p no:cacheprovider 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 
 log "meta-step benchmark, all rows"
-timeout 360 python benchmarks/bench_meta_step.py --device cuda --reps 20 --warmup 3 \
-  --out "$OUT/meta_step_cuda.json" 2>&1 | grep -v -i gym | tee -a "$OUT/log.txt"
+timeout 330 python benchmarks/bench_meta_step.py --device cuda --reps 20 --warmup 3 \
+  --paths loop,batched,hybrid,learn2learn,higher --out "$OUT/meta_step_cuda.json" 2>&1 | grep -v -i gym | tee -a "$OUT/log.txt"
+
+log "reduced precision: meta-gradient error of fp32 / tf32 / bf16 against float64"
+timeout 90 python benchmarks/check_precision.py --device cuda --seeds 2 --out "$OUT/precision_cuda.json" 2>&1 | tail -20 | tee -a "$OUT/log.txt"
 
 if [ -d .data/omniglot ] && python -c "import learn2learn" 2>/dev/null; then
   log "sampler benchmark (needs learn2learn)"
