@@ -175,6 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .config import load_config, to_dict
     from .data import REGRESSION, EpisodeSampler
     from .models import build_model
+    from .precision import meta_step_context, set_precision
     from .train import build_algorithm, build_sampler, resolve_device, seed_everything
 
     if args.steps < 1 or args.warmup < 0:
@@ -196,6 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         sampler = EpisodeSampler(images, d.ways, d.shots, d.query_shots, seed=cfg.seed, dtype=dtype)
         model = build_model(cfg.model, channels, d.ways, d.image_size).to(device=device, dtype=dtype)
     algorithm = build_algorithm(cfg, model)
+    set_precision(cfg.precision, device)
     params = [p for p in model.parameters()]
     optimizer = (algorithm.outer_optimizer(params, cfg.outer.lr) if hasattr(algorithm, "outer_optimizer")
                  else torch.optim.Adam(params, lr=cfg.outer.lr))
@@ -206,7 +208,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         optimizer.zero_grad(set_to_none=True)
         if hasattr(algorithm, "schedule"):
             algorithm.schedule(step, total, optimizer)
-        algorithm.meta_step(batch)
+        with meta_step_context(cfg.precision, device):
+            algorithm.meta_step(batch)
         optimizer.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -230,9 +233,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "steps": args.steps, "warmup": args.warmup, "seconds": seconds,
         "ms_per_step": 1000 * seconds / args.steps, "tasks_per_s": args.steps * cfg.outer.meta_batch_size / seconds,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "execution": algorithm.execution_plan()[0] if hasattr(algorithm, "execution_plan") else None,
+        "precision": cfg.precision, "inner_checkpoint": cfg.inner.checkpoint,
     }
     print(f"{cfg.outer.algorithm} {d.ways}-way {d.shots}-shot, meta-batch {cfg.outer.meta_batch_size}, "
-          f"{cfg.inner.steps} inner steps, {result['device']}: {result['ms_per_step']:.1f} ms/step, "
+          f"{cfg.inner.steps} inner steps, {result['device']}, execution {result['execution']}, "
+          f"precision {cfg.precision}: {result['ms_per_step']:.1f} ms/step, "
           f"{result['tasks_per_s']:.1f} tasks/s over {args.steps} steps")
     if args.out:
         atomic_json(result, Path(args.out))
