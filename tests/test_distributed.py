@@ -118,9 +118,9 @@ def two_processes(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("two")
     proc = torchrun(2, "train", str(PRESET), *SINUSOID, "tracking.out_dir=runs", "tracking.name=run", cwd=cwd)
     if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # A rare SIGABRT of rank 0 in this run (seen once in the suite and twice in benchmarks/
-        # bench_distributed.py, never reproduced on demand: 38 direct reruns, half of them two at a time, passed) gets one fresh
-        # retry; any other failure, or a second abort, fails the test.
+        # A rare SIGABRT of rank 0 (seen once in the suite and twice in benchmarks/bench_distributed.py;
+        # never reproduced on demand: 38 direct reruns, half of them two at a time, passed) gets one
+        # fresh retry; any other failure, or a second abort, fails the test.
         print(f"two_processes: retrying after a gloo worker abort:\n{proc.stderr[-2000:]}", file=sys.stderr)
         shutil.rmtree(cwd / "runs", ignore_errors=True)
         proc = torchrun(2, "train", str(PRESET), *SINUSOID, "tracking.out_dir=runs", "tracking.name=run", cwd=cwd)
