@@ -49,6 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metalearn._io import atomic_json  # noqa: E402
 from metalearn.algorithms import MAML  # noqa: E402
 from metalearn.inner.layout import channels_last  # noqa: E402
 from metalearn.models import MLP, Conv4  # noqa: E402
@@ -108,6 +109,18 @@ def make_batch(row: Row, device: torch.device, seed: int) -> TaskBatch:
                      Examples(qx, labels.repeat_interleave(Q).expand(T, -1)), N, K, Q)
 
 
+def map_batch(batch: TaskBatch, fx, fy=lambda t: t) -> TaskBatch:
+    """batch with fx applied to its support and query inputs and fy to their targets."""
+    return TaskBatch(Examples(fx(batch.support.x), fy(batch.support.y)), Examples(fx(batch.query.x), fy(batch.query.y)),
+                     batch.ways, batch.shots, batch.query_shots)
+
+
+def cast_batch(batch: TaskBatch, dtype: torch.dtype) -> TaskBatch:
+    """batch with its floating-point tensors in `dtype` (integer labels unchanged)."""
+    f = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    return map_batch(batch, f, f)
+
+
 def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     """fn(batch) that accumulates the meta-gradient of the mean query loss into model's .grad."""
     loss_fn = F.mse_loss if row.sinusoid else F.cross_entropy
@@ -123,9 +136,7 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
 
         def step(batch: TaskBatch):
             if path == "learn2learn-cl":
-                batch = TaskBatch(Examples(channels_last(batch.support.x), batch.support.y),
-                                  Examples(channels_last(batch.query.x), batch.query.y),
-                                  batch.ways, batch.shots, batch.query_shots)
+                batch = map_batch(batch, channels_last)
             for t in range(batch.num_tasks):
                 learner = maml.clone()
                 for _ in range(row.steps):
@@ -167,10 +178,7 @@ def check_agreement(row: Row, paths: list[str], device: torch.device, dtype: tor
     ~1e-15); in float32 it is informational: with BatchNorm over 5 support images and several inner
     steps at lr 0.4, float32 rounding alone moves the loop's own meta-gradient by up to ~1e-3
     relative on these noise batches (the same for every path, learn2learn's included)."""
-    batch, grads = make_batch(row, device, seed=123), {}
-    f = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-    batch = TaskBatch(Examples(f(batch.support.x), f(batch.support.y)), Examples(f(batch.query.x), f(batch.query.y)),
-                      batch.ways, batch.shots, batch.query_shots)
+    batch, grads = cast_batch(make_batch(row, device, seed=123), dtype), {}
     for path in paths:
         model = make_model(row, device).to(dtype)
         meta_step_fn(path, row, model)(batch)
@@ -296,9 +304,7 @@ def main() -> int:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "tf32": False, "results": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {atomic_json(out, args.out)}")
     return 0
 
 

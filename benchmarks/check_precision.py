@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 from pathlib import Path
@@ -26,16 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_meta_step import ROWS, make_batch, make_model  # noqa: E402
+from bench_meta_step import ROWS, cast_batch, make_batch, make_model  # noqa: E402
+from metalearn._io import atomic_json  # noqa: E402
 from metalearn.algorithms import MAML  # noqa: E402
 from metalearn.precision import meta_step_context, set_precision  # noqa: E402
-from metalearn.types import Examples, TaskBatch  # noqa: E402
-
-
-def cast(batch: TaskBatch, dtype: torch.dtype) -> TaskBatch:
-    f = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-    return TaskBatch(Examples(f(batch.support.x), f(batch.support.y)), Examples(f(batch.query.x), f(batch.query.y)),
-                     batch.ways, batch.shots, batch.query_shots)
+from metalearn.types import TaskBatch  # noqa: E402
 
 
 def meta_gradient(row, batch: TaskBatch, device: torch.device, dtype: torch.dtype, precision: str) -> torch.Tensor:
@@ -44,7 +38,7 @@ def meta_gradient(row, batch: TaskBatch, device: torch.device, dtype: torch.dtyp
                 loss="mse" if row.sinusoid else "cross_entropy")
     set_precision(precision, device)
     with meta_step_context(precision, device):
-        algo.meta_step(cast(batch, dtype))
+        algo.meta_step(cast_batch(batch, dtype))
     set_precision("fp32", device)
     return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
@@ -80,9 +74,7 @@ def main() -> int:
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
            "torch": torch.__version__, "results": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {atomic_json(out, args.out)}")
     return 0
 
 

@@ -16,6 +16,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MetalearnError
 
+EXECUTIONS = ("auto", "loop", "batched", "hybrid")  # outer.execution (metalearn/algorithms/base.py)
+PRECISIONS = ("fp32", "tf32", "bf16")  # precision (metalearn/precision.py)
+
 
 @dataclass
 class DataConfig:
@@ -320,7 +323,7 @@ def validate(cfg: Config) -> None:
                         ("outer.first_order_until", cfg.outer.first_order_until),
                         ("outer.final_lr", cfg.outer.final_lr)]:
         _positive(name, value, allow_zero=True)
-    if cfg.outer.execution not in ("auto", "loop", "batched", "hybrid"):
+    if cfg.outer.execution not in EXECUTIONS:
         raise MetalearnError(f"outer.execution must be auto, loop, batched or hybrid, got {cfg.outer.execution!r}")
     _positive("outer.task_chunk", cfg.outer.task_chunk, allow_zero=True)
     if cfg.data.dataset in REGRESSION:
@@ -355,7 +358,7 @@ def validate(cfg: Config) -> None:
         _positive(name, value, allow_zero=True)
     if cfg.dtype not in ("float32", "float64"):
         raise MetalearnError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
-    if cfg.precision not in ("fp32", "tf32", "bf16"):
+    if cfg.precision not in PRECISIONS:
         raise MetalearnError(f"precision must be fp32, tf32 or bf16, got {cfg.precision!r}")
     if cfg.precision != "fp32" and cfg.dtype != "float32":
         raise MetalearnError(f"precision={cfg.precision} needs dtype=float32, got {cfg.dtype}")

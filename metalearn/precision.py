@@ -21,9 +21,8 @@ from typing import ContextManager
 
 import torch
 
+from .config import PRECISIONS
 from .errors import MetalearnError
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def set_precision(precision: str, device: torch.device) -> None:

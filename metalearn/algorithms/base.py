@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import EXECUTIONS
 from ..errors import MetalearnError
 from ..inner import forward, run_inner_loop, select
 from ..inner.batched import batched_forward, batched_inner_loop, task_losses, task_metrics
@@ -32,7 +33,6 @@ from ..inner.rules import LRSpec
 from ..types import Examples, Params, TaskBatch
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-EXECUTIONS = ("auto", "loop", "batched", "hybrid")
 # hybrid on CPU: support tasks adapted together in chunks whose first-layer activations stay under
 # this many elements (16 MB in float32). Larger tensors exceed glibc's largest heap block (32 MB),
 # are mmap-ed afresh on every allocation and page-fault on every use (measured: a 32 MB multiply
@@ -237,8 +237,8 @@ class GradientMetaLearner(MetaLearner):
     def _batched(self) -> bool:
         return self.execution_plan()[0] == "batched"
 
-    def _chunks(self, T: int) -> "list[slice]":
-        size = self.task_chunk or T
+    def _chunks(self, T: int, size: int = 0) -> "list[slice]":
+        size = size or self.task_chunk or T
         return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
 
     # --- hybrid: batched support sets, per-task query sets ------------------------------------
@@ -249,12 +249,12 @@ class GradientMetaLearner(MetaLearner):
         first = getattr(getattr(self.model, "features", [None])[0], "conv", None)
         width = first.out_channels if isinstance(first, nn.Conv2d) else batch.support.x.shape[2]
         per_task = batch.support.x[0].numel() // batch.support.x.shape[2] * width
-        size = max(1, min(T, HYBRID_CHUNK_ELEMENTS // max(per_task, 1)))
-        return [slice(lo, min(T, lo + size)) for lo in range(0, T, size)]
+        return self._chunks(T, max(1, min(T, HYBRID_CHUNK_ELEMENTS // max(per_task, 1))))
 
-    def _hybrid_adapt(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
-                      first_order: bool) -> Params:
-        """Adapted parameters of tasks `sl`: adapted names (Tc, *shape), the others shared."""
+    def _adapt_tasks(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
+                     first_order: bool) -> Params:
+        """Tasks `sl` adapted together on their support sets (batched inner loop): the adapted names
+        come back as (Tc, *shape), the others shared."""
         sup_x = batch.support.x[sl]
         return batched_inner_loop(batched_forward(self.model), params, sup_x, batch.support.y[sl], adapt=self.adapt,
                                   lr=lr, steps=steps, first_order=first_order, loss=self.loss,
@@ -270,8 +270,8 @@ class GradientMetaLearner(MetaLearner):
         query_x, last = self._query_images(batch.query.x), max(self.inner_steps - 1, 0)
         total_loss, total_metric = 0.0, 0.0
         for sl in self._hybrid_chunks(batch):
-            fast = self._hybrid_adapt(params, batch, sl, steps=self.inner_steps, lr=self.lr_spec(),
-                                      first_order=self.first_order)
+            fast = self._adapt_tasks(params, batch, sl, steps=self.inner_steps, lr=self.lr_spec(),
+                                     first_order=self.first_order)
             names = [n for n in self.adapt if fast[n].requires_grad]
             vjp = {n: torch.zeros_like(fast[n]) for n in names}
             for j, i in enumerate(range(sl.start, sl.stop)):
@@ -292,7 +292,7 @@ class GradientMetaLearner(MetaLearner):
         params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
         query_x, last, out = self._query_images(batch.query.x), max(steps - 1, 0), []
         for sl in self._hybrid_chunks(batch):
-            fast = self._hybrid_adapt(params, batch, sl, steps=steps, lr=self.lr_spec(lr), first_order=True)
+            fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=self.lr_spec(lr), first_order=True)
             for j, i in enumerate(range(sl.start, sl.stop)):
                 task = {**params, **{n: fast[n][j].detach() for n in self.adapt}}
                 out.append(metric(self.forward_fn(task, query_x[i], last), batch.query.y[i], self.loss))
@@ -301,11 +301,8 @@ class GradientMetaLearner(MetaLearner):
     def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
                                first_order: bool) -> Tensor:
         """Query outputs (Tc, Q, ...) of tasks `sl`, each adapted on its support set, all at once."""
-        fwd, sup_x = batched_forward(self.model), batch.support.x[sl]
-        fast = batched_inner_loop(fwd, params, sup_x, batch.support.y[sl], adapt=self.adapt, lr=lr, steps=steps,
-                                  first_order=first_order, loss=self.loss, num_tasks=sup_x.shape[0],
-                                  checkpoint=self.checkpoint)
-        return fwd(fast, batch.query.x[sl])
+        fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=first_order)
+        return batched_forward(self.model)(fast, batch.query.x[sl])
 
     def _batched_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
         """meta_step with all tasks of a chunk adapted at once (see metalearn/inner/batched.py)."""
