@@ -100,6 +100,9 @@ class OuterConfig:
     final_lr: Optional[float] = None
     """reptile: epsilon at the last step (annealed linearly from outer.lr; default 0, as OpenAI);
     mamlpp: the cosine schedule's minimum (default 0)."""
+    lr_halve_every: int = 0
+    """Halve the outer lr every N outer steps (0 = constant lr); ProtoNet's paper halves it every 2000
+    episodes. Not for reptile and mamlpp, which anneal their own lr (outer.final_lr)."""
     msl_iterations: int = 0
     """mamlpp: outer steps over which the multi-step loss weights anneal to the final step (0 = final step only)."""
     first_order_until: int = 0
@@ -321,8 +324,11 @@ def validate(cfg: Config) -> None:
         raise MetalearnError(f"outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
     for name, value in [("outer.msl_iterations", cfg.outer.msl_iterations),
                         ("outer.first_order_until", cfg.outer.first_order_until),
+                        ("outer.lr_halve_every", cfg.outer.lr_halve_every),
                         ("outer.final_lr", cfg.outer.final_lr)]:
         _positive(name, value, allow_zero=True)
+    if cfg.outer.lr_halve_every and cfg.outer.algorithm in ("reptile", "mamlpp", "finetune"):
+        raise MetalearnError(f"outer.lr_halve_every: {cfg.outer.algorithm} has its own lr schedule; use 0")
     if cfg.outer.execution not in EXECUTIONS:
         raise MetalearnError(f"outer.execution must be auto, loop, batched or hybrid, got {cfg.outer.execution!r}")
     _positive("outer.task_chunk", cfg.outer.task_chunk, allow_zero=True)

@@ -78,7 +78,9 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
     if cfg.inner.checkpoint and name not in ("maml", "fomaml", "boil", "metasgd"):
         raise MetalearnError(f"inner.checkpoint: not available for {name} (maml, fomaml, boil, metasgd only)")
     if name == "protonet":
-        return ALGORITHMS[name](model, loss=loss)
+        algorithm = ALGORITHMS[name](model, loss=loss)
+        algorithm.lr_halve_every = cfg.outer.lr_halve_every
+        return algorithm
     if name == "finetune":  # transfer-learning baseline (metalearn/algorithms/finetune.py)
         return ALGORITHMS[name].from_config(cfg, model)
     common = dict(inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, loss=loss)
@@ -94,6 +96,7 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
                                      final_lr=cfg.outer.final_lr or 0.0, **common)
     else:
         algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order, **common)
+        algorithm.lr_halve_every = cfg.outer.lr_halve_every
     if hasattr(algorithm, "set_execution"):  # per-task loop or batched (metalearn/inner/batched.py)
         algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk, checkpoint=cfg.inner.checkpoint)
     if cfg.inner.lora_rank:  # maml / fomaml: the inner loop adapts LoRA deltas (metalearn/inner/lora.py)

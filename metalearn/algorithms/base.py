@@ -82,12 +82,25 @@ class MetaLearner:
         if state:
             raise MetalearnError(f"{type(self).__name__} has no state to load, got keys {sorted(state)}")
 
+    lr_halve_every: int = 0
+    """Step decay of the outer lr: halved every this many outer steps (0 = constant; Snell et al.'s
+    ProtoNet schedule halves Adam's lr every 2000 episodes). Set by train.build_algorithm."""
+
     def outer_optimizer(self, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
         """Adam over the trained model parameters and the algorithm's own learnables."""
+        self.initial_lr = lr
         return torch.optim.Adam(list(params) + self.meta_parameters(), lr=lr)
 
     def schedule(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
-        """Called before outer step `step` (1-based) of `total_steps`; annealing goes here."""
+        """Called before outer step `step` (1-based) of `total_steps`; annealing goes here.
+
+        The default: lr = outer.lr * 0.5 ** ((step - 1) // lr_halve_every), a function of the step
+        alone, so a resumed run follows the same schedule. Algorithms with a schedule of their own
+        (reptile, mamlpp) override this."""
+        if self.lr_halve_every:
+            lr = self.initial_lr * 0.5 ** ((step - 1) // self.lr_halve_every)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
 
 class GradientMetaLearner(MetaLearner):
