@@ -10,6 +10,7 @@ model holds no mutable buffer that tasks could share.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -34,7 +35,24 @@ class ConvBlock(nn.Module):
         # max-pool, then ReLU: the same values as ReLU then max-pool (max commutes with the monotone ReLU)
         # and the same gradients (a window whose max is <= 0 passes no gradient either way), on 4x fewer
         # elements: about 12% faster per meta-step on CPU (measured).
-        return self.pool(self.norm(self.conv(x))).relu()
+        return self.pool(normalise(self.norm, self.conv(x))).relu()
+
+
+def normalise(norm: nn.Module, h: Tensor) -> Tensor:
+    """norm(h), with BatchNorm always computed on NCHW memory.
+
+    PyTorch's CPU BatchNorm kernel for channels-last float32 tensors accumulates each channel's
+    statistics (and, in the backward, its gradient sums) over N*H*W elements in float32, one
+    after another: on real Omniglot batches that put the hybrid path's float32 meta-gradient
+    5e-3 away from float64 (relative L2), against 1.4e-6 for the per-task loop (issue #19;
+    benchmarks/check_precision.py --real). The NCHW kernel is accurate, so a channels-last h
+    (the hybrid path's query images, metalearn/inner/layout.py) is normalised in NCHW and turned
+    back: two copies of one activation, the same values as the NCHW path, and the max-pool
+    that follows keeps its fast channels-last kernel. NCHW inputs take the ordinary path unchanged.
+    """
+    if isinstance(norm, nn.BatchNorm2d) and not h.is_contiguous():
+        return norm(h.contiguous()).contiguous(memory_format=torch.channels_last)
+    return norm(h)
 
 
 class Conv4(nn.Module):
