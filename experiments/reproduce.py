@@ -45,6 +45,7 @@ PAPER = {
     "maml_omniglot_5w5s": {"paper": "99.9 ± 0.1", "target": 99.5},
     "maml_omniglot_20w1s": {"paper": "95.8 ± 0.3", "target": 95.0},
     "maml_omniglot_20w5s": {"paper": "98.9 ± 0.2", "target": 98.5},
+    "maml_omniglot_5w1s_cpu": {"paper": "98.7 ± 0.4", "target": 97.5},
     "fomaml_omniglot_5w1s": {"paper": "98.3 ± 0.5", "target": 97.5},
     "reptile_omniglot_5w1s": {"paper": "97.68 (transductive)", "target": 97.0},
     "anil_omniglot_20w1s": {"paper": "–", "target": None},
