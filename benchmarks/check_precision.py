@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/check_precision.py --device cpu --out benchmarks/results/precision_cpu.json
     python benchmarks/check_precision.py --device cuda --out benchmarks/results/precision_h100.json  # adds tf32
+    .venv/bin/python benchmarks/check_precision.py --real --threads 1 --out benchmarks/results/precision_real_cpu.json
 
 For each setting (bench_meta_step's rows, with fewer tasks on a CPU) the meta-gradient of one
 meta-batch (the same weights and data) is computed in float64 (the reference), then in each
@@ -10,6 +11,13 @@ precision: the relative L2 error ||g - g64|| / ||g64||, the largest elementwise 
 the largest reference entry, and the cosine similarity. fp32 shows the floor (float32 rounding);
 bf16 and tf32 show what the opt-in modes cost. Only the meta-step changes with precision:
 evaluation always runs in float32/float64.
+
+`--real` checks float32 itself on real data instead: meta-batches of real Omniglot training episodes
+(the quick preset's setting: conv4 with 32 filters, 5-way 1-shot, 5 query examples per class, one
+inner step of 0.4, 4 tasks; $METALEARN_DATA), the float32 meta-gradient of every execution path
+(loop, batched, hybrid) against the float64 loop. Its error is the relative L2 over all parameters
+except the conv biases (right before BatchNorm their true gradient is zero: pure rounding noise).
+Noise batches hid the hybrid path's channels-last BatchNorm error (5e-3 on real data; issue #19).
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_meta_step import ROWS, cast_batch, make_batch, make_model  # noqa: E402
 from metalearn._io import atomic_json  # noqa: E402
-from metalearn.algorithms import MAML  # noqa: E402
+from metalearn.algorithms import ALGORITHMS, MAML  # noqa: E402
 from metalearn.precision import meta_step_context, set_precision  # noqa: E402
 from metalearn.types import TaskBatch  # noqa: E402
 
@@ -43,6 +51,44 @@ def meta_gradient(row, batch: TaskBatch, device: torch.device, dtype: torch.dtyp
     return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
 
+def real_data_check(args: argparse.Namespace) -> dict:
+    """float32 vs float64 meta-gradients of every execution path on real Omniglot batches."""
+    from metalearn.config import load_config
+    from metalearn.data import EpisodeSampler, open_dataset
+    from metalearn.models.conv4 import Conv4
+
+    cfg = load_config(ROOT / "experiments" / "configs" / "omniglot_5w1s_quick.yaml")
+    ds, splits = open_dataset(cfg.data)
+    images = ds.images[splits["train"]]
+
+    def grad(mode: str, dtype: torch.dtype, seed: int, algorithm: str) -> dict:
+        torch.manual_seed(0)
+        model = Conv4(hidden=32).to(dtype)
+        algo = ALGORITHMS[algorithm](model, inner_lr=0.4, inner_steps=1).set_execution(mode)
+        algo.meta_step(EpisodeSampler(images, 5, 1, 5, seed=seed, split="train", dtype=dtype).sample(args.tasks or 4))
+        named = dict(model.named_parameters())
+        named.update({f"learnable.{i}": p for i, p in enumerate(algo.meta_parameters())})
+        return {n: p.grad.double() for n, p in named.items()}
+
+    def rel(g: dict, ref: dict) -> float:
+        keys = [n for n in ref if not n.endswith("conv.bias")]
+        return (torch.sqrt(sum(((g[n] - ref[n]) ** 2).sum() for n in keys))
+                / torch.sqrt(sum((ref[n] ** 2).sum() for n in keys))).item()
+
+    results = []
+    for algorithm in ("maml", "metasgd"):
+        for seed in range(args.seeds):
+            ref = grad("loop", torch.float64, seed, algorithm)
+            row = {"algorithm": algorithm, "seed": seed, "tasks": args.tasks or 4}
+            for mode in ("loop", "batched", "hybrid"):
+                row[mode] = rel(grad(mode, torch.float32, seed, algorithm), ref)
+            results.append(row)
+            print(f"{algorithm:8s} seed {seed}  " + "  ".join(f"{m} {row[m]:.2e}" for m in ("loop", "batched", "hybrid")),
+                  flush=True)
+    return {"check": "float32 vs float64 meta-gradient on real Omniglot batches, relative L2 without conv biases",
+            "threads": torch.get_num_threads(), "results": results}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,8 +96,18 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=0, help="tasks per meta-batch (0 = the row's; 4 on a CPU)")
     ap.add_argument("--seeds", type=int, default=3, help="meta-batches per row")
     ap.add_argument("--out", default="")
+    ap.add_argument("--real", action="store_true", help="float32 of every execution path on real Omniglot batches")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.real:
+        out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu",
+               "device_name": platform.machine(), "torch": torch.__version__, **real_data_check(args)}
+        if args.out:
+            print(f"wrote {atomic_json(out, args.out)}")
+        return 0
     precisions = ["fp32", "bf16"] + (["tf32"] if device.type == "cuda" else [])
     results = []
     for name in args.rows.split(","):
