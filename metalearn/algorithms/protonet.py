@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import MetalearnError
+from ..inner.layout import channels_last
 from ..types import Params, TaskBatch
 from .base import MetaLearner, metric, scored
 
@@ -50,8 +51,12 @@ class ProtoNet(MetaLearner):
             raise MetalearnError("protonet needs a model with a `features` submodule (conv4)")
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        """(B, ...) -> (B, D) body features."""
+        """(B, ...) -> (B, D) body features. On a CPU, images go in channels-last (as the hybrid path's
+        query images: max-pooling runs several times faster; conv4 normalises on NCHW memory, so the
+        float32 accuracy is the NCHW path's, see metalearn/models/conv4.py)."""
         body = {n[len("features."):]: p for n, p in params.items() if n.startswith("features.")}
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = channels_last(x)
         return functional_call(self.model.features, body, (x,), strict=False).flatten(1)
 
     def meta_step(self, batch: TaskBatch) -> Dict[str, float]:

@@ -12,6 +12,7 @@ from typing import Callable, Dict
 
 from ..errors import MetalearnError
 from .base import ImageDataset
+from .checks import check_class_lists, format_report, split_report
 from .cifar import FC100, CifarFS
 from .download import download_cifar100, download_omniglot, fetch, safe_extract
 from .folder import ImageFolder
@@ -75,7 +76,8 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
         ds = ImageFolder(root, image_size=cfg.image_size, cache_dir=cache, split_file=getattr(cfg, "split_file", ""))
     else:
         ds = DATASETS[cfg.dataset](root, image_size=cfg.image_size, cache_dir=cache)
-    split = splits[cfg.split](ds, cfg.split_seed)
+    split = splits[cfg.split](ds, cfg.split_seed)  # split files are checked here (metalearn/data/checks.py)
+    ds.split_check = split  # pixel-identical images across splits: one warning when .images is first loaded
     if getattr(cfg, "rotation", "none") == "classes":
         ds = RotatedClasses(ds)
         split = ds.split(split, list(cfg.rotation_splits))
@@ -83,6 +85,6 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
 
 
 __all__ = ["DATASETS", "REGRESSION", "SINUSOID_PROTOCOLS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100", "ImageDataset", "ImageFolder", "MiniImageNet",
-           "Omniglot", "RotatedClasses", "SinusoidSampler", "TieredImageNet", "check_disjoint", "check_episode_fits",
-           "data_root", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes", "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split",
+           "Omniglot", "RotatedClasses", "SinusoidSampler", "TieredImageNet", "check_class_lists", "check_disjoint",
+           "check_episode_fits", "data_root", "format_report", "split_report", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes", "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split",
            "omniglot_vinyals_split", "open_dataset", "safe_extract", "seeded_split"]

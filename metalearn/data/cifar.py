@@ -19,6 +19,7 @@ import torch
 
 from ..errors import MetalearnError
 from .base import ImageDataset, load_pickle, split_by_names
+from .checks import check_class_lists
 
 CIFAR_FS_VAL = ("beaver", "otter", "flatfish", "shark", "lamp", "television", "beetle", "butterfly", "sea", "camel",
                 "cattle", "crab", "crocodile", "maple_tree", "motorcycle", "tractor")
@@ -63,6 +64,11 @@ class _Cifar100(ImageDataset):
         if fine.size and (fine.max() >= len(self._fine_names) or coarse.max() >= len(self._coarse_names)):
             raise MetalearnError(f"{self.name}: labels exceed the names in {folder / 'meta'}")
         self._by_class = [data[fine == c] for c in range(len(self._fine_names))]
+        check_class_lists(self.name, {"all": self._fine_names}, {"all": folder / "meta"})
+        empty = next((n for n, x in zip(self._fine_names, self._by_class) if not len(x)), None)
+        if empty is not None:
+            raise MetalearnError(f"{self.name}: class {empty!r} ({folder / 'meta'}) has no images in "
+                                 f"{folder / 'train'} or {folder / 'test'}")
         self._superclass = {}
         for c in range(len(self._fine_names)):
             sup = np.unique(coarse[fine == c])
@@ -90,9 +96,11 @@ class CifarFS(_Cifar100):
 
     def standard_split(self) -> Dict[str, torch.Tensor]:
         rest = set(CIFAR_FS_VAL) | set(CIFAR_FS_TEST)
+        sources = {"train": f"the classes of {self._folder() / 'meta'} in neither list",
+                   "val": "CIFAR_FS_VAL in metalearn/data/cifar.py", "test": "CIFAR_FS_TEST in metalearn/data/cifar.py"}
         return _sized(self, split_by_names(self.name, self.class_names, {
-            "train": [c for c in self.class_names if c not in rest], "val": CIFAR_FS_VAL, "test": CIFAR_FS_TEST}),
-            (64, 16, 20))
+            "train": [c for c in self.class_names if c not in rest], "val": CIFAR_FS_VAL, "test": CIFAR_FS_TEST},
+            sources, self.class_counts), (64, 16, 20))
 
 
 class FC100(_Cifar100):
@@ -101,8 +109,15 @@ class FC100(_Cifar100):
     def standard_split(self) -> Dict[str, torch.Tensor]:
         def members(supers):
             return [c for c in self.class_names if self._superclass[c] in supers]
+        meta = self._folder() / "meta"
+        lists = {"val": FC100_VAL, "test": FC100_TEST}
+        check_class_lists(self.name, lists, {k: f"FC100_{k.upper()} in metalearn/data/cifar.py" for k in lists},
+                          known=self._coarse_names)  # superclasses: listed once, in one split, known to meta
         rest = set(FC100_VAL) | set(FC100_TEST)
         train = [c for c in self.class_names if self._superclass[c] not in rest]
+        sources = {"train": f"the superclasses of {meta} in neither list",
+                   "val": f"the classes of FC100_VAL's superclasses in {meta}",
+                   "test": f"the classes of FC100_TEST's superclasses in {meta}"}
         return _sized(self, split_by_names(self.name, self.class_names,
-                                           {"train": train, "val": members(FC100_VAL), "test": members(FC100_TEST)}),
-                      (60, 20, 20))
+                                           {"train": train, "val": members(FC100_VAL), "test": members(FC100_TEST)},
+                                           sources, self.class_counts), (60, 20, 20))

@@ -33,6 +33,9 @@ class ImageFolder(ImageDataset):
         self._files: Dict[str, List[Path]] = {}
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS)
+            if not files:
+                raise MetalearnError(f"folder: class {d.name!r} has no images ({d}/ holds no "
+                                     f"{'/'.join(sorted(e[1:] for e in EXTENSIONS))} files)")
             self._files[d.name] = files
         if not self._files:
             raise MetalearnError(f"folder: {self.root} holds no class subfolders")
@@ -71,7 +74,8 @@ class ImageFolder(ImageDataset):
         if self.split_file is None:
             raise MetalearnError("folder: set data.split_file to a JSON file {\"train\": [...], \"val\": [...], \"test\": [...]}")
         try:
-            spec = json.loads(self.split_file.read_text())
+            text = self.split_file.read_text()
+            spec = json.loads(text, object_pairs_hook=lambda pairs: _no_repeated_keys(pairs, self.split_file))
         except FileNotFoundError:
             raise MetalearnError(f"folder: split file {self.split_file} does not exist") from None
         except (OSError, ValueError) as e:
@@ -80,4 +84,32 @@ class ImageFolder(ImageDataset):
                 not all(isinstance(v, list) for v in spec.values()):
             raise MetalearnError(f"folder: split file {self.split_file} must be a JSON object with exactly the "
                                  f"lists 'train', 'val' and 'test'")
-        return split_by_names("folder", self.class_names, spec)
+        bad = next(((k, v) for k, names in spec.items() for v in names if not isinstance(v, str)), None)
+        if bad:
+            raise MetalearnError(f"folder: split file {self.split_file}: the {bad[0]} list holds {bad[1]!r}, "
+                                 f"not a class folder name")
+        splits = split_by_names("folder", self.class_names, spec, {k: self.split_file for k in spec}, self.class_counts)
+        self._check_no_file_in_two_splits(spec)
+        return splits
+
+    def _check_no_file_in_two_splits(self, spec: Dict[str, List[str]]) -> None:
+        """The same image file (a symlink or hard link: same device and inode) in two splits' class folders."""
+        seen: Dict[Tuple[int, int], Tuple[str, Path]] = {}
+        for split, names in spec.items():
+            for name in names:
+                for p in self._files[name]:
+                    st = p.stat()
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen and seen[key][0] != split:
+                        raise MetalearnError(f"folder: image {p} ({split}) is the same file as {seen[key][1]} "
+                                             f"({seen[key][0]}); split file {self.split_file}")
+                    seen.setdefault(key, (split, p))
+
+
+def _no_repeated_keys(pairs: List[Tuple[str, object]], path: Path) -> dict:
+    """json object hook: a key given twice (e.g. two "train" lists, the first silently lost) is an error."""
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise MetalearnError(f"folder: split file {path} gives {repeated!r} twice")
+    return dict(pairs)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import MetalearnError
 from .base import ImageDataset, load_pickle, split_by_names
+from .checks import check_class_lists
 
 CSV_SPLITS = ("train", "val", "test")
 PICKLE_FILES = {"train": "mini-imagenet-cache-train.pkl", "val": "mini-imagenet-cache-validation.pkl",
@@ -39,6 +40,8 @@ class MiniImageNet(ImageDataset):
             self.layout = "csv"
             self._files: Dict[str, List[Path]] = {}
             self._split_of: Dict[str, List[str]] = {}
+            image_at: Dict[str, Tuple[Path, int, str]] = {}  # filename -> (csv, line, label) where first listed
+            class_at: Dict[str, Tuple[Path, int]] = {}        # label -> (csv, line) where first listed
             for split in CSV_SPLITS:
                 path = self.root / f"{split}.csv"
                 if not path.is_file():
@@ -52,10 +55,23 @@ class MiniImageNet(ImageDataset):
                 for line, row in enumerate(rows[1:], start=2):
                     if len(row) < 2:
                         raise MetalearnError(f"mini-imagenet: {path} line {line} is not 'filename,label'")
-                    if row[1] not in self._files:
-                        self._files[row[1]] = []
-                        names.append(row[1])
-                    self._files[row[1]].append(self.root / "images" / row[0])
+                    fname, label = row[0], row[1]
+                    if fname in image_at:  # a duplicated line, one image in two classes, or in two splits
+                        p0, l0, c0 = image_at[fname]
+                        if p0 == path and c0 == label:
+                            raise MetalearnError(f"mini-imagenet: {path} line {line} duplicates line {l0} ({fname!r})")
+                        raise MetalearnError(f"mini-imagenet: image {fname!r} is listed in both {p0} line {l0} "
+                                             f"(class {c0!r}) and {path} line {line} (class {label!r})")
+                    image_at[fname] = (path, line, label)
+                    if label in class_at and class_at[label][0] != path:
+                        p0, l0 = class_at[label]
+                        raise MetalearnError(f"mini-imagenet: class {label!r} is in both {p0} (line {l0}) and "
+                                             f"{path} (line {line})")
+                    if label not in self._files:
+                        class_at[label] = (path, line)
+                        self._files[label] = []
+                        names.append(label)
+                    self._files[label].append(self.root / "images" / fname)
                 self._split_of[split] = names
             for files in self._files.values():
                 for p in files[:1] + files[-1:]:  # cheap structural check; every file is read on decode
@@ -73,12 +89,23 @@ class MiniImageNet(ImageDataset):
                     raise MetalearnError(f"mini-imagenet: {self.root / fname} is not a dict with 'image_data' and 'class_dict'")
                 data = np.asarray(blob["image_data"])
                 self._split_of[split] = list(blob["class_dict"])
+                owner: Dict[int, str] = {}  # row -> the class that lists it
                 for cname, rows in blob["class_dict"].items():
-                    rows = np.asarray(rows, dtype=np.int64)
+                    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
                     if rows.size and (rows.min() < 0 or rows.max() >= len(data)):
                         raise MetalearnError(f"mini-imagenet: {self.root / fname}: class {cname!r} indexes rows "
                                              f"outside image_data's {len(data)}")
+                    for r in rows.tolist():
+                        if r in owner:
+                            what = "twice" if owner[r] == cname else f"and so does class {owner[r]!r}"
+                            raise MetalearnError(f"mini-imagenet: {self.root / fname}: class {cname!r} lists image "
+                                                 f"row {r} {what}")
+                        owner[r] = cname
+                    if cname in self._arrays:  # checked below with the files named; keep the first split's rows
+                        continue
                     self._arrays[cname] = data[rows]
+            check_class_lists(self.name, self._split_of, {s: self.root / f for s, f in PICKLE_FILES.items()},
+                              counts={n: len(a) for n, a in self._arrays.items()})
             names = [n for s in CSV_SPLITS for n in self._split_of[s]]
             return names, [len(self._arrays[n]) for n in names]
         raise MetalearnError(f"mini-imagenet: {self.root} holds neither images/ + train.csv/val.csv/test.csv "
@@ -111,4 +138,6 @@ class MiniImageNet(ImageDataset):
         return out
 
     def standard_split(self) -> Dict[str, torch.Tensor]:
-        return split_by_names(self.name, self.class_names, self._split_of)
+        sources = ({s: self.root / f"{s}.csv" for s in CSV_SPLITS} if self.layout == "csv"
+                   else {s: self.root / f for s, f in PICKLE_FILES.items()})
+        return split_by_names(self.name, self.class_names, self._split_of, sources, self.class_counts)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import MetalearnError
 from .base import ImageDataset, load_pickle, split_by_names
+from .checks import check_class_lists
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -39,18 +40,27 @@ class TieredImageNet(ImageDataset):
             blob = load_pickle(labels_path, self.name)
             if not isinstance(blob, dict) or "label_specific" not in blob:
                 raise MetalearnError(f"{self.name}: {labels_path} is not a dict with 'label_specific'")
-            labels = np.asarray(blob["label_specific"], dtype=np.int64)
+            labels = np.asarray(blob["label_specific"], dtype=np.int64).reshape(-1)
             strs = blob.get("label_specific_str")
-            names = []
-            for lab in np.unique(labels):
-                name = str(strs[lab]) if strs is not None and lab < len(strs) else f"{split}-{int(lab)}"
-                self._rows[name] = (split, np.flatnonzero(labels == lab))
-                names.append(name)
+            if labels.size and labels.min() < 0:
+                raise MetalearnError(f"{self.name}: {labels_path} has a negative label ({int(labels.min())})")
+            if strs is not None and labels.size and labels.max() >= len(strs):
+                raise MetalearnError(f"{self.name}: {labels_path}: label {int(labels.max())} has no name in "
+                                     f"label_specific_str ({len(strs)} names)")
+            labs = range(len(strs)) if strs is not None else np.unique(labels).tolist()
+            names = [str(strs[lab]) if strs is not None else f"{split}-{lab}" for lab in labs]
+            for lab, name in zip(labs, names):  # a name listed twice, or without images: refused below
+                self._rows.setdefault(name, (split, np.flatnonzero(labels == lab)))
             self._split_of[split] = names
             if not (self.root / f"{split}_images_png.pkl").is_file():
                 raise MetalearnError(f"{self.name}: {self.root / f'{split}_images_png.pkl'} does not exist")
+        check_class_lists(self.name, self._split_of, self._label_files(),
+                          counts={n: len(rows) for n, (_, rows) in self._rows.items()})
         names = [n for s in SPLIT_NAMES for n in self._split_of[s]]
         return names, [len(self._rows[n][1]) for n in names]
+
+    def _label_files(self) -> Dict[str, Path]:
+        return {s: self.root / f"{s}_labels.pkl" for s in SPLIT_NAMES}
 
     def _sources(self) -> List[Path]:
         return [self.root / f"{s}_{kind}.pkl" for s in SPLIT_NAMES for kind in ("images_png", "labels")]
@@ -81,4 +91,4 @@ class TieredImageNet(ImageDataset):
         return [out[n] for n in self.class_names]
 
     def standard_split(self) -> Dict[str, torch.Tensor]:
-        return split_by_names(self.name, self.class_names, self._split_of)
+        return split_by_names(self.name, self.class_names, self._split_of, self._label_files(), self.class_counts)
