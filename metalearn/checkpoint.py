@@ -21,6 +21,7 @@ save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import subprocess
 from pathlib import Path
@@ -49,11 +50,49 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise MetalearnError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a pickle that imports code; PyTorch's text advises weights_only=False: we do not
+            raise MetalearnError(f"checkpoint {path} holds objects other than tensors and plain values, which are "
+                                 f"refused for safety (it was not written by metalearn)") from None
+        raise MetalearnError(f"checkpoint {path} is not a readable metalearn checkpoint ({_first_line(e)})") from None
     except Exception as e:
-        raise MetalearnError(f"checkpoint {path} is not a readable metalearn checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "config" not in ckpt:
+        raise MetalearnError(f"checkpoint {path} is not a readable metalearn checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise MetalearnError(f"checkpoint {path} is not a metalearn checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("format") != FORMAT:
         raise MetalearnError(f"checkpoint {path} is not a metalearn checkpoint (format {FORMAT})")
+    for key, kind, what in [("step", int, "an int"), ("config", dict, "a dict"), ("model", dict, "a state dict")]:
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise MetalearnError(f"checkpoint {path} is incomplete: {key!r} is missing or not {what}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise MetalearnError(f"checkpoint {path} is incomplete: 'model' must map parameter names to tensors")
     return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name (EOFError() has no message)."""
+    advice = ("weights_only", "weights only", "file an issue", "documentation of torch.load")  # never repeat
+    lines = [line.strip() for line in str(e).splitlines()  # PyTorch's advice to disable the safety check
+             if line.strip() and not any(a in line.lower() for a in advice)]
+    return lines[0] if lines else type(e).__name__
+
+
+def nonfinite_tensor(state: Any, prefix: str = "") -> "str | None":
+    """The name of the first floating-point tensor holding NaN or inf in a (nested) state dict, or None."""
+    if isinstance(state, torch.Tensor):
+        bad = state.is_floating_point() and not bool(state.isfinite().all())
+        return (prefix or "tensor") if bad else None
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for k, v in items:
+        bad = nonfinite_tensor(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 # --- random number generator states ------------------------------------------------------------

@@ -6,11 +6,13 @@
     metalearn ablate ABLATION.yaml [--seeds 3]                run a grid of configs; table + figure of mean ± CI
     metalearn bench CONFIG.yaml [key=value ...] [--steps 20]  time meta-training steps on synthetic images
     metalearn list                                            data sets, models, algorithms, presets, ablations
+    metalearn data check [DATASET] [key=value ...]            check a data set's splits; classes, images, overlaps
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,7 +21,6 @@ from .errors import MetalearnError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
-    from .config import load_config
     from .train import train
 
     config, overrides = args.config, list(args.overrides)
@@ -27,9 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]  # `metalearn train key=value ...`: defaults only
     if config is None and not overrides:
         raise MetalearnError("train needs a preset YAML (see `metalearn list`), a run folder, or key=value overrides")
-    if config is not None and Path(config).is_dir():
-        config = str(Path(config) / "config.yaml")  # a run folder: its resolved config
-    cfg = load_config(config, overrides)
+    config, cfg = _load_run_config(config, overrides, args.resume)
     if distributed.launched_by_torchrun():  # torchrun: refuse what cannot be split before joining the job
         distributed.check_algorithm(cfg.outer.algorithm, distributed.Context(world_size=2))
     if cfg.outer.algorithm == "finetune":  # transfer baseline: pre-train (or load), then fine-tune
@@ -41,15 +40,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if not dist.is_main:
         return 130 if summary["interrupted"] == "SIGINT" else 143 if summary["interrupted"] else 0
+    if summary.get("finished"):
+        return _print_finished(summary, "train")
     print(f"run folder: {summary['run_dir']}")
     if summary["interrupted"]:
-        print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
-              f"  metalearn train {Path(summary['run_dir']) / 'config.yaml'} --resume", file=sys.stderr)
+        if summary.get("during"):
+            print(f"metalearn: {summary['interrupted']} during {summary['during']}: the checkpoint of step "
+                  f"{summary['step']} is saved; evaluate it with\n  metalearn train {summary['run_dir']} --resume",
+                  file=sys.stderr)
+        else:
+            print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
+                  f"  metalearn train {summary['run_dir']} --resume", file=sys.stderr)
         return 130 if summary["interrupted"] == "SIGINT" else 143
     ev = summary["eval"]
     print(f"meta-training took {summary['train_seconds']:.1f} s")
     print(final_line(ev))
     return 0
+
+
+def _load_run_config(config: Optional[str], overrides: List[str], resume: bool):
+    """(config file, Config) for train/pretrain. CONFIG may be a run folder (its config.yaml). With --resume,
+    a run folder (or the config.yaml inside one) names the run to continue: that folder, wherever it was
+    copied to, not tracking.out_dir/tracking.name saved in its config."""
+    from .checkpoint import CHECKPOINT_NAME
+    from .config import load_config
+
+    run_folder = None
+    if config is not None and Path(config).is_dir():
+        run_folder, config = Path(config), str(Path(config) / "config.yaml")  # a run folder: its resolved config
+    elif config is not None and Path(config).name == "config.yaml" and any(
+            (Path(config).parent / f).is_file() for f in ("run.json", CHECKPOINT_NAME)):
+        run_folder = Path(config).parent
+    cfg = load_config(config, overrides)
+    if resume and run_folder is not None:
+        run_folder = run_folder.resolve()
+        cfg.tracking.out_dir, cfg.tracking.name = str(run_folder.parent), run_folder.name
+    return config, cfg
+
+
+def _print_finished(summary: dict, command: str) -> int:
+    print(f"run folder: {summary['run_dir']}")
+    print(f"metalearn: this run already finished ({summary['step']} steps) and was evaluated; its result is below "
+          f"(`metalearn eval {summary['run_dir']}` evaluates it again)", file=sys.stderr)
+    print(final_line(summary["eval"]) if command == "train" else _transfer_line(summary["eval"]))
+    return 0
+
+
+def _transfer_line(ev: dict) -> str:
+    from .transfer import summary_line
+
+    return summary_line(ev)
 
 
 def final_line(ev: dict) -> str:
@@ -78,29 +118,43 @@ def _run_transfer(cfg, resume: bool) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     """Supervised pre-training (outer.algorithm=finetune is implied), then fine-tuning on fixed test episodes."""
-    from .config import load_config
-
-    config = args.config
-    if Path(config).is_dir():
-        config = str(Path(config) / "config.yaml")
-    return _run_transfer(load_config(config, ["outer.algorithm=finetune", *args.overrides]), args.resume)
+    _, cfg = _load_run_config(args.config, ["outer.algorithm=finetune", *args.overrides], args.resume)
+    return _run_transfer(cfg, args.resume)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed
-    from ._io import atomic_json
-    from .checkpoint import load_checkpoint
+    from ._io import atomic_json, check_writable_folder
+    from .checkpoint import load_checkpoint, nonfinite_tensor
     from .config import from_dict, validate
     from .data import REGRESSION, check_episode_fits, open_dataset
     from .models import build_model
-    from .train import build_algorithm, eval_settings, model_shape, resolve_device, run_evaluation
+    from .train import build_algorithm, eval_runtime, eval_settings, model_shape, resolve_device, run_evaluation
 
     ckpt_path = Path(args.checkpoint)
     ckpt_path = ckpt_path / "checkpoint.pt" if ckpt_path.is_dir() else ckpt_path
+    if args.out:  # before any work: a result that cannot be written is found out now, not after evaluating
+        if Path(args.out).is_dir():
+            raise MetalearnError(f"--out {args.out} is a folder; give a file name")
+        check_writable_folder(Path(args.out).parent, "--out")
+    else:
+        check_writable_folder(ckpt_path.parent, "eval (the result is written next to the checkpoint; or use --out)")
     ckpt = load_checkpoint(ckpt_path)
+    bad = nonfinite_tensor({"model": ckpt["model"], "algorithm": ckpt.get("algorithm") or {}})
+    if bad is not None:
+        raise MetalearnError(f"checkpoint {ckpt_path} holds a non-finite parameter ({bad}); refusing to evaluate it")
     cfg = from_dict(ckpt["config"])
+    try:
+        validate(cfg)  # the saved config itself (e.g. a NaN lr), before the command line's changes
+    except MetalearnError as e:
+        raise MetalearnError(f"checkpoint {ckpt_path}: saved config: {e}") from None
+    # Locations come from the command line and the environment, never from the checkpoint (a checkpoint
+    # from elsewhere could name any folder): data.root <- --data-root or $METALEARN_DATA/<dataset>, the
+    # decode cache <- --cache-dir or $METALEARN_CACHE (default ~/.cache/metalearn); eval writes no run folder.
+    cfg.data.root, cfg.data.cache_dir = args.data_root or "", args.cache_dir or ""
+    cfg.tracking.out_dir, cfg.tracking.wandb.enabled = str(ckpt_path.parent), False
     for key, value in [("split", args.split), ("episodes", args.episodes), ("ways", args.ways), ("shots", args.shots),
                        ("query_shots", args.query_shots), ("inner_steps", args.inner_steps),
                        ("inner_lr", args.inner_lr), ("seed", args.seed), ("batch_size", args.batch_size)]:
@@ -121,12 +175,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not regression:
         check_episode_fits(cfg.eval.split, len(splits[cfg.eval.split]), ds.samples_per_class, ev["ways"], ev["shots"], ev["query_shots"])
     in_channels, outputs = model_shape(cfg, ds)
-    outputs = ckpt["model"]["head.weight"].shape[0] if cfg.outer.algorithm == "finetune" else outputs
-    model = build_model(cfg.model, in_channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
-    model.load_state_dict(ckpt["model"])
-    algorithm = build_algorithm(cfg, model)
-    if ckpt.get("algorithm"):  # learned inner lrs (metasgd, mamlpp), reptile's Adam state
-        algorithm.load_state_dict(ckpt["algorithm"])
+    try:
+        outputs = ckpt["model"]["head.weight"].shape[0] if cfg.outer.algorithm == "finetune" else outputs
+        model = build_model(cfg.model, in_channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
+        model.load_state_dict(ckpt["model"])
+        algorithm = build_algorithm(cfg, model)
+        if ckpt.get("algorithm"):  # learned inner lrs (metasgd, mamlpp), reptile's Adam state
+            algorithm.load_state_dict(ckpt["algorithm"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise MetalearnError(f"checkpoint {ckpt_path} does not fit its config's model ({type(e).__name__}: {why})") from None
     images = None if regression else distributed.main_first(lambda: ds.images).to(device)[splits[cfg.eval.split].to(device)]
     try:
         result = run_evaluation(cfg, algorithm, cfg.eval.split, cfg.eval.episodes, images=images, device=device,
@@ -136,7 +194,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not dist.is_main:
         return 0
     print(result.summary())
-    record = result.to_dict()
+    record = {**result.to_dict(), **eval_runtime(cfg, algorithm)}
     if hasattr(algorithm, "take_support"):  # finetune: support accuracy beside query accuracy
         support = algorithm.take_support()
         record.update(support_mean=support.mean().item(), support_accuracies=support.tolist())
@@ -181,6 +239,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise MetalearnError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cfg = load_config(args.config, args.overrides)
+    if args.out:  # before timing anything
+        from ._io import check_writable_folder
+
+        if Path(args.out).is_dir():
+            raise MetalearnError(f"--out {args.out} is a folder; give a file name")
+        check_writable_folder(Path(args.out).parent, "--out")
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -246,11 +310,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_comment(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    """Open a data set as training would (every split source checked: a leak is the one-line error), then
+    print per split its classes, images and overlaps, pixel-identical images included (metalearn/data/checks.py)."""
+    from .config import load_config
+    from .data import REGRESSION, SPLITS, format_report, open_dataset, split_report
+
+    dataset, overrides = args.dataset, list(args.overrides)
+    if dataset is not None and "=" in dataset:  # `metalearn data check data.root=...`: the default data set
+        dataset, overrides = None, [dataset, *overrides]
+    overrides = [o if "." in o.split("=", 1)[0] else f"data.{o}" for o in overrides]  # split=x means data.split=x
+    if dataset in REGRESSION:
+        raise MetalearnError(f"{dataset} tasks are generated: there are no split files to check")
+    first = ([f"data.dataset={dataset}"] if dataset else [])
+    if dataset in SPLITS and not any(o.startswith("data.split=") for o in overrides):
+        first.append(f"data.split={next(iter(SPLITS[dataset]))}")  # the data set's own split by default
+    cfg = load_config(None, [*first, *overrides, "data.rotation=none"])
+    ds, splits = open_dataset(cfg.data)
+    ds.split_check = None  # the table below counts pixel-identical images; no warning as well
+    print(f"{cfg.data.dataset}, split {cfg.data.split}, {cfg.data.image_size} px: {ds.root}")
+    print(format_report(split_report(ds, splits, pixels=not args.no_pixels, cache_path=ds.cache_path)))
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -264,14 +344,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
                                      for d, p in sorted(REGRESSION.items())))
     print("models:     " + ", ".join(sorted(MODELS)))
     print("algorithms: " + ", ".join(sorted(ALGORITHMS)))
-    root = Path(args.root)
-    for title, folder, describe in [("presets", "experiments/configs", _first_comment),
-                                    ("ablations", "experiments/ablations", ablation_description),
-                                    ("sweeps", "experiments/sweeps", _first_comment)]:
-        files = sorted((root / folder).glob("*.yaml"))
-        print(f"{title}:" + ("" if files else f" (none under {root / folder}; run from the repository root)"))
+    from . import presets
+
+    for title, kind, describe in [("presets", "configs", presets.description),
+                                  ("ablations", "ablations", ablation_description),
+                                  ("sweeps", "sweeps", presets.description)]:
+        files = sorted(presets.folder(kind).glob("*.yaml"))
+        if args.root:  # also the YAML files of a folder of one's own, e.g. a project's experiments/
+            files += sorted((Path(args.root) / "experiments" / kind).glob("*.yaml"))
+        print(f"{title} (by name, e.g. `metalearn {'ablate' if kind == 'ablations' else 'train'} "
+              f"{files[0].stem if files else 'NAME'}`, or by path):")
+        seen = set()
         for f in files:
-            print(f"  {f}  {describe(f)}".rstrip())
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            text = describe(f)
+            print(f"  {f.stem}" + ("" if f.parent.resolve() == presets.folder(kind) else f"  ({f})"))
+            if text:
+                print(textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="      "))
     return 0
 
 
@@ -321,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "or a run folder / its config.yaml when resuming")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the preset")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in tracking.out_dir/tracking.name from its checkpoint.pt (bit-identical on "
-                        "CPU to an uninterrupted run); only tracking.*, checkpoint.*, eval.*, device and threads may "
+                   help="continue a run from its checkpoint.pt (bit-identical on CPU to an uninterrupted run): the "
+                        "run folder given (or the folder of the config.yaml given), else tracking.out_dir/tracking.name; "
+                        "a finished run only prints its result; only tracking.*, checkpoint.*, eval.*, device and threads may "
                         "differ from the checkpoint's config")
     t.set_defaults(func=_cmd_train)
 
@@ -352,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="episodes adapted together (memory only)")
     e.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     e.add_argument("--out", help="where to write the JSON result")
+    e.add_argument("--data-root", help="data set folder (default $METALEARN_DATA/<dataset>; the checkpoint's "
+                                       "data.root is not used)")
+    e.add_argument("--cache-dir", help="decode cache folder (default $METALEARN_CACHE or ~/.cache/metalearn; the "
+                                       "checkpoint's data.cache_dir is not used)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 
@@ -379,9 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     ls = sub.add_parser("list", help="show data sets, models, algorithms, presets, ablations and sweeps")
-    ls.add_argument("--root", default=".", help="repository root holding experiments/ (default: .)")
+    ls.add_argument("--root", default="", help="also list the YAML files under ROOT/experiments/{configs,ablations,sweeps}")
     ls.set_defaults(func=_cmd_list)
+
+    dt = sub.add_parser("data", help="check a data set's split files").add_subparsers(dest="data_command", required=True)
+    dc = dt.add_parser("check", help="check a data set's splits; print classes, images and overlaps per split",
+                       description="Open a data set as `train` would: every split source is checked (a class or "
+                                   "source file in two splits, a class with no images, an unknown class or a "
+                                   "duplicated line is a one-line error, exit 2), then print per split its classes, "
+                                   "images and overlaps, with images pixel-identical across splits (decodes the data "
+                                   "set into the cache unless --no-pixels).")
+    dc.add_argument("dataset", nargs="?", help="data set name (default: data.dataset's default, omniglot)")
+    dc.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="data config keys, e.g. split=vinyals root=/data/omniglot split_file=split.json (data. implied)")
+    dc.add_argument("--no-pixels", action="store_true", help="skip the pixel-identical check (no decode)")
+    dc.set_defaults(func=_cmd_data_check)
     return p
+
+
+def _one_line(e: "BaseException | str") -> str:
+    """An error message as one line (never empty)."""
+    return " ".join(str(e).split()) or (type(e).__name__ if isinstance(e, BaseException) else "unknown error")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -395,7 +509,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except MetalearnError as e:
-        print(f"metalearn: error: {e}", file=sys.stderr)
+        print(f"metalearn: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed outside _io (read-only folder, full disk): one line naming the path
+        from ._io import describe_os_error
+
+        print(f"metalearn: error: {_one_line(describe_os_error(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metalearn: interrupted", file=sys.stderr)

@@ -7,11 +7,12 @@ override defaults. Unknown keys and values of the wrong type are errors that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MetalearnError
@@ -253,7 +254,7 @@ class Config:
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
-    msg = str(e).strip().splitlines()[0]
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     key = getattr(e, "full_key", None)
     if key and key not in msg:
         msg = f"{key}: {msg}"
@@ -266,13 +267,17 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
     try:
         layers = [base]
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise MetalearnError(f"config file not found: {p}")
+            from .presets import resolve  # a path, or the name of a shipped preset
+
+            p = resolve(path, "configs")
             try:
                 loaded = OmegaConf.load(p)
             except Exception as e:  # YAML syntax errors
-                raise MetalearnError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise MetalearnError(f"config file {p} is not valid YAML: {first}") from None
+            if not isinstance(loaded, DictConfig):  # e.g. a list at the top level
+                raise MetalearnError(f"config file {p}: the top level must be a mapping of keys (data:, model:, ...), "
+                                     f"not a {type(loaded).__name__.replace('Config', '').lower()}")
             layers.append(loaded)
         for ov in overrides or []:
             if "=" not in ov:
@@ -306,10 +311,22 @@ def _positive(name: str, value: int | float | None, allow_zero: bool = False) ->
         raise MetalearnError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float setting is a finite number (nan and inf pass OmegaConf's type check)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise MetalearnError(f"{prefix}{f.name} must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Static checks that need no data; data-dependent checks happen when the data set is opened."""
     from .data import DATASETS, REGRESSION  # local import: data imports config's neighbours only
     from .models import MODELS
+
+    _check_finite(cfg)
 
     if cfg.data.dataset not in DATASETS and cfg.data.dataset not in REGRESSION:
         known = ", ".join(sorted([*DATASETS, *REGRESSION]))
@@ -362,6 +379,13 @@ def validate(cfg: Config) -> None:
         ("threads", cfg.threads),
     ]:
         _positive(name, value, allow_zero=True)
+    if cfg.data.dataset not in REGRESSION and cfg.model.name.startswith("conv4"):
+        from .models.conv4 import flat_features  # four 2x max-pools: before any decoding or caching
+
+        try:
+            flat_features(cfg.model.hidden, cfg.data.image_size)
+        except ValueError as e:
+            raise MetalearnError(f"data.image_size: {e}") from None
     if cfg.dtype not in ("float32", "float64"):
         raise MetalearnError(f"dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
     if cfg.precision not in PRECISIONS:

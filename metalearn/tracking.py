@@ -71,11 +71,19 @@ class WandbTracker:
             raise MetalearnError("tracking.wandb.enabled=true but wandb is not installed "
                                  "(pip install 'metalearn[wandb]')") from None
         self._wandb = wandb
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
-            name=name, config=config, dir=os.environ.get("WANDB_DIR") or str(run_dir),  # read per run, not once per process
-            mode=os.environ.get("WANDB_MODE") or cfg.mode, id=run_id, resume="allow" if run_id else None,
-            settings=wandb.Settings(console="off", silent=True))
+        self.exit_code: Optional[int] = None
+        """Set by the training loop before close() when a signal stopped the run (130/143)."""
+        mode = os.environ.get("WANDB_MODE") or cfg.mode
+        try:
+            self.run = wandb.init(
+                project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
+                name=name, config=config, dir=os.environ.get("WANDB_DIR") or str(run_dir),  # read per run, not once per process
+                mode=mode, id=run_id, resume="allow" if run_id else None,
+                settings=wandb.Settings(console="off", silent=True))
+        except Exception as e:  # no network, no API key, ...: one line, not wandb's traceback
+            why = " ".join(str(e).split())[:200].rstrip(".") or type(e).__name__
+            raise MetalearnError(f"W&B ({mode}) could not start the run: {why}; check the network and your API key "
+                                 f"(wandb login), or use tracking.wandb.mode=offline") from None
         self.id = self.run.id
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
@@ -93,7 +101,7 @@ class WandbTracker:
         self.run.log_artifact(art)
 
     def close(self, ok: bool = True) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+        self.run.finish(exit_code=self.exit_code if self.exit_code is not None else 0 if ok else 1)
 
 
 class Trackers:
@@ -130,8 +138,14 @@ def read_jsonl(path: str | Path, tolerant: bool = False) -> List[dict]:
     return rows
 
 
-def plot_learning_curve(rows: List[dict], path: str | Path) -> Path:
-    """Training loss and accuracy (and validation accuracy ± 95% CI, if logged) against outer step, as a PNG."""
+def plot_learning_curve(rows: List[dict], path: str | Path, title: str = "") -> Path:
+    """Training loss and accuracy (and validation accuracy ± 95% CI, if logged) against the step, as a PNG.
+
+    Meta-training rows are query losses/accuracies per outer step; supervised pre-training rows
+    (they log `train/images_per_s`) are mini-batch losses per pre-training step, and are labelled so.
+    Regression (MSE as both loss and metric) gets one panel, not two identical ones. `title` (the run
+    name, its key settings and the final test result) goes above the panels. A curve of one logged
+    point is drawn as a marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,23 +155,41 @@ def plot_learning_curve(rows: List[dict], path: str | Path) -> Path:
     train = [r for r in rows if r.get("train/loss") is not None]
     metric = "mse" if any("train/mse" in r for r in train) else "accuracy"  # sinusoid regression logs MSE
     val = [r for r in rows if r.get(f"val/{metric}") is not None]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train query loss")
-    ax_loss.set_xlabel("outer step")
-    ax_loss.set_ylabel("loss")
-    ax_acc.plot([r["step"] for r in train], [r[f"train/{metric}"] for r in train], label=f"train query {metric}")
+    pretrain = any("train/images_per_s" in r for r in train)
+    xlabel, what = ("pre-training step", "train mini-batch") if pretrain else ("outer step", "train query")
+    same = metric == "mse" and all(r.get("train/mse") == r.get("train/loss") for r in train)
+    fig, axes = plt.subplots(1, 1 if same else 2, figsize=(5.5 if same else 10, 3.8), squeeze=False)
+    ax_loss, ax_acc = axes[0][0], axes[0][-1]
+
+    def marker(points: list) -> dict:
+        return {"marker": "o"} if len(points) <= 20 else {}
+
+    if not same:
+        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=f"{what} loss", **marker(train))
+        ax_loss.set_ylabel("loss")
+    ax_acc.plot([r["step"] for r in train], [r[f"train/{metric}"] for r in train], label=f"{what} {metric}",
+                **marker(train))
     if val:
         s = [r["step"] for r in val]
         m = [r[f"val/{metric}"] for r in val]
         c = [r.get("val/ci95") or 0.0 for r in val]
-        ax_acc.plot(s, m, marker="o", label=f"val {metric}")
-        ax_acc.fill_between(s, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.25)
-    ax_acc.set_xlabel("outer step")
+        line, = ax_acc.plot(s, m, marker="o", label=f"val {metric} (± 95% CI)")
+        ax_acc.fill_between(s, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.25,
+                            color=line.get_color())
     ax_acc.set_ylabel(metric)
-    for ax in (ax_loss, ax_acc):
+    for ax in {id(a): a for a in (ax_loss, ax_acc)}.values():
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+def curve_title(run_name: str, settings: str, result: str = "") -> str:
+    """The learning curve's title: run name, key settings, and the final test result when known."""
+    return "\n".join(x for x in (f"{run_name}: {settings}" if settings else run_name, result) if x)

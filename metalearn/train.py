@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +25,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import CHECKPOINT_NAME, git_info, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, git_info, load_checkpoint, nonfinite_tensor, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config, from_dict, to_dict
 from .data import REGRESSION, EpisodeSampler, SinusoidSampler, check_episode_fits, open_dataset
 from .errors import MetalearnError
@@ -32,7 +35,7 @@ from .evaluation import EvalResult, evaluate
 from .inner import select
 from .models import build_model
 from .tracking import JsonlTracker, Trackers, WandbTracker, plot_learning_curve, read_jsonl
-from ._io import atomic_json, atomic_write
+from ._io import atomic_json, atomic_write, check_writable_folder
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,6 +151,13 @@ def run_evaluation(cfg: Config, algorithm: Any, split: str, episodes: int, *, im
     return evaluate(algorithm, images, seed=cfg.eval.seed, batchnorm=cfg.model.batchnorm, **common)
 
 
+def eval_runtime(cfg: Config, algorithm: Any) -> Dict[str, Any]:
+    """Torch's thread count and the execution path of an evaluation, saved with its result: the same
+    checkpoint and episodes give bit-identical accuracies only with the same threads, path and device."""
+    plan = algorithm.execution_plan()[0] if hasattr(algorithm, "execution_plan") and cfg.eval.transductive else "loop"
+    return {"threads": torch.get_num_threads(), "execution": plan}
+
+
 def build_sampler(cfg: Config, images: Optional[torch.Tensor], device: torch.device) -> Any:
     """The training episode sampler, seeded by cfg.seed: sinusoid tasks, or episodes of the training
     classes `images` (uint8 (classes, per_class, C, H, W) on `device`). Both have sample(T, part=)."""
@@ -203,10 +213,26 @@ def _check_resumable(cfg: Config, saved: Dict[str, Any]) -> None:
                                  f"{then.get(key)!r}; a resumed run must keep the training setup")
 
 
+_STALE_TMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+"""Temp files of `_io.atomic_write` (mkstemp: '.<name>.<8 chars>.tmp'); a kill before the rename leaves one."""
+
+
+def remove_stale_tmp(out: Path) -> None:
+    """Delete the temp files that killed writers left in the run folder `out` (never anything else)."""
+    if not out.is_dir():
+        return
+    for f in out.iterdir():
+        if _STALE_TMP.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
+
+
 def open_run_dir(cfg: Config, resume: bool) -> "tuple[Path, Optional[Dict[str, Any]]]":
-    """(run folder, checkpoint to resume or None). Only checks; creates nothing."""
+    """(run folder, checkpoint to resume or None). Checks, and removes the temp files a killed process
+    left in the run folder; creates nothing."""
     out = Path(cfg.tracking.out_dir) / cfg.tracking.name
     ckpt_path = out / CHECKPOINT_NAME
+    check_writable_folder(out, "tracking.out_dir")  # under a regular file, or read-only: before any work
+    remove_stale_tmp(out)
     if resume:
         if ckpt_path.is_file():
             ckpt = load_checkpoint(ckpt_path)
@@ -257,6 +283,46 @@ def _nonfinite(metrics: Dict[str, float], params: Dict[str, torch.Tensor]) -> Op
     return None
 
 
+def _nonfinite_after_update(params: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """What is NaN/inf after an outer update (a parameter, or the optimiser's state), or None."""
+    tensors = [*params.values(), *(t for st in optimizer.state.values() for t in st.values()
+                                   if isinstance(t, torch.Tensor) and t.is_floating_point())]
+    if bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        return None
+    return ("parameter " + bad) if (bad := nonfinite_tensor(params)) else "optimiser state"
+
+
+class _SignalStop(BaseException):
+    """SIGINT/SIGTERM during the final evaluation (see `_RaiseOnSignals`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _RaiseOnSignals(_StopSignals):
+    """SIGINT/SIGTERM raise `_SignalStop` at once (the final evaluation: there is no step to finish)."""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise _SignalStop(signal.Signals(signum).name)
+
+
+def _finished_result(out: Path, ckpt: Optional[Dict[str, Any]], cfg: Config) -> Optional[Dict[str, Any]]:
+    """The saved evaluation summary of a run that already trained all its steps and was evaluated, else None."""
+    path = out / f"eval-{cfg.eval.split}.json"
+    if ckpt is None or ckpt["step"] < cfg.outer.iterations or not path.is_file():
+        return None
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # torn or unreadable: evaluate again
+    if not isinstance(saved, dict) or not isinstance(saved.get("eval"), dict):
+        return None
+    return {**saved, "run_dir": str(out), "interrupted": None, "step": ckpt["step"], "finished": True}
+
+
 def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     """Meta-train `cfg`, checkpointing as it goes, then evaluate on the fixed episodes of `eval.split`.
 
@@ -286,6 +352,9 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     # --- data: open (cheap), check every episode shape against the splits, then decode ----
     ds, splits = check_data(cfg)
     out, ckpt = distributed.on_main(lambda: open_run_dir(cfg, resume), dist)  # checks only; rank 0's verdict
+    finished = distributed.on_main(lambda: _finished_result(out, ckpt, cfg), dist)
+    if finished is not None:  # resuming a finished run: nothing to train, evaluate or log again
+        return finished
     # rank 0 decodes (and caches) the images first, the other processes then read its cache
     images = None if ds is None else distributed.main_first(lambda: ds.images, dist).to(device)
     split_images = (lambda split: None) if images is None else (lambda split: images[splits[split].to(device)])
@@ -301,22 +370,30 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     learnables = algorithm.meta_parameters() if hasattr(algorithm, "meta_parameters") else []
     checked = {**{n: named[n] for n in trained}, **{f"{cfg.outer.algorithm} learnable {i}": p for i, p in enumerate(learnables)}}
     reduced = list(checked.values())  # what the processes all-reduce: trained parameters and learnables
-    if main and hasattr(algorithm, "execution_plan"):
-        mode, why = algorithm.execution_plan()
-        print(f"execution: {mode} ({why})", file=sys.stderr)
-
     # --- run folder: a fresh one, or the checkpoint's state restored exactly ----------------
     git = git_info() if main else {}
     start, wandb_id = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("algorithm") and hasattr(algorithm, "load_state_dict"):
-            algorithm.load_state_dict(ckpt["algorithm"])
-        sampler.load_state_dict(ckpt["sampler"])  # the global sampler state: valid for any number of processes
-        set_rng_state(ckpt["rng"])
-        start, wandb_id = ckpt["step"], ckpt.get("tracking", {}).get("wandb_id")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("algorithm") and hasattr(algorithm, "load_state_dict"):
+                algorithm.load_state_dict(ckpt["algorithm"])
+            sampler.load_state_dict(ckpt["sampler"])  # the global sampler state: valid for any number of processes
+            set_rng_state(ckpt["rng"])
+            start, wandb_id = ckpt["step"], (ckpt.get("tracking") or {}).get("wandb_id")
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise MetalearnError(f"--resume: {out / CHECKPOINT_NAME} does not fit this run ({type(e).__name__}: {why})") from None
+        bad = nonfinite_tensor(ckpt["model"])
+        if bad is not None:
+            raise MetalearnError(f"--resume: {out / CHECKPOINT_NAME} holds a non-finite parameter ({bad})")
     else:
+        created = out  # the topmost folder this run creates (removed again if W&B cannot start)
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
+        fresh_folder = not out.exists()
+
         def create() -> None:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
@@ -340,8 +417,23 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
             trackers.append(wandb_run)
         return Trackers(trackers, wandb_run)
 
-    tracker = distributed.main_only(open_trackers, dist) or Trackers([])  # other ranks log nowhere
+    def open_trackers_or_clean_up() -> Trackers:
+        try:
+            return open_trackers()
+        except BaseException:
+            if ckpt is None and not resume:  # e.g. W&B could not start: leave no folder that blocks a re-run
+                if fresh_folder:
+                    shutil.rmtree(created, ignore_errors=True)
+                else:
+                    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+                        (out / name).unlink(missing_ok=True)
+            raise
+
+    tracker = distributed.main_only(open_trackers_or_clean_up, dist) or Trackers([])  # other ranks log nowhere
     wandb_run = tracker.wandb
+    if main and hasattr(algorithm, "execution_plan"):
+        mode, why = algorithm.execution_plan()
+        print(f"execution: {mode} ({why})", file=sys.stderr)
     metric = getattr(algorithm, "metric_name", "accuracy")
 
     def save(step: int) -> None:
@@ -360,7 +452,7 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     bar = tqdm(total=total, initial=start, desc="meta-train", disable=not (cfg.tracking.progress and main),
                dynamic_ncols=True)
     window, t_window, t_start = [], time.perf_counter(), time.perf_counter()
-    saved_step, step, ok = (start if ckpt is not None else None), start, False
+    saved_step, step, exit_code = (start if ckpt is not None else None), start, 1
     stopped: Optional[str] = None
     try:
         with _StopSignals() as stop:
@@ -380,7 +472,19 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
                             if saved_step is not None else "no checkpoint had been written yet")
                     raise MetalearnError(f"non-finite {bad} at step {step}; stopped without applying it, {kept}. "
                                          f"Lower inner.lr or outer.lr")
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. "value cannot be converted to type float without overflow"
+                    if "overflow" not in str(e):
+                        raise
+                    raise MetalearnError(f"the outer update of step {step} overflows ({' '.join(str(e).split())}); "
+                                         f"nothing was saved at this step. Lower outer.lr") from None
+                bad = _nonfinite_after_update(checked, optimizer)
+                if bad is not None:  # never saved: the last good checkpoint stays
+                    kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT_NAME}"
+                            if saved_step is not None else "no checkpoint had been written yet")
+                    raise MetalearnError(f"non-finite {bad} after the outer update of step {step}; stopped without "
+                                         f"saving it, {kept}. Lower outer.lr")
                 bar.update(1)
                 window.append(metrics)
                 if step % cfg.tracking.log_every == 0 or step == total:
@@ -407,19 +511,25 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
         if saved_step != step:  # e.g. resuming a run that had already finished
             save(step)
         if stopped:
-            ok = True
+            exit_code = 130 if stopped == "SIGINT" else 143
             return {"run_dir": str(out), "interrupted": stopped, "step": step,
                     "train_seconds": round(train_seconds, 2), "eval": None}
 
         # --- learning curve, final evaluation, artifact -----------------------------------------
-        curve = (plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
-                 if main else None)
-        result = run_eval(cfg.eval.split, cfg.eval.episodes, progress=cfg.tracking.progress)
+        try:
+            with _RaiseOnSignals():
+                curve = (plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
+                         if main else None)
+                result = run_eval(cfg.eval.split, cfg.eval.episodes, progress=cfg.tracking.progress)
+        except _SignalStop as e:  # the checkpoint of the last step is saved: --resume evaluates it
+            exit_code = 130 if e.name == "SIGINT" else 143
+            return {"run_dir": str(out), "interrupted": e.name, "step": step, "during": "the final evaluation",
+                    "train_seconds": round(train_seconds, 2), "eval": None}
         final = {f"{cfg.eval.split}/{metric}": result.mean, f"{cfg.eval.split}/ci95": result.ci95}
         tracker.log(total, final)
         tracker.summary({**final, f"{cfg.eval.split}/episodes": result.episodes})
         summary = {"run_dir": str(out), "interrupted": None, "step": total, "train_seconds": round(train_seconds, 2),
-                   "eval": result.to_dict()}
+                   "eval": {**result.to_dict(), **eval_runtime(cfg, algorithm)}}
         if main:
             atomic_json(summary, out / f"eval-{cfg.eval.split}.json")
         if wandb_run is not None:
@@ -427,8 +537,10 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
             if cfg.tracking.wandb.log_checkpoint:
                 wandb_run.log_checkpoint(out / CHECKPOINT_NAME, name=f"checkpoint-{wandb_run.id}",
                                          metadata={"step": total, **final})
-        ok = True
+        exit_code = 0
         return summary
     finally:
         bar.close()
-        tracker.close(ok)
+        if wandb_run is not None:
+            wandb_run.exit_code = exit_code  # a W&B segment stopped by a signal records 130/143, not 0
+        tracker.close(exit_code == 0)

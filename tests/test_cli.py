@@ -86,3 +86,18 @@ def test_list_and_help():
     assert proc.returncode == 0 and "omniglot" in proc.stdout and "omniglot_5w1s_quick.yaml" in proc.stdout
     proc = run_cli("train", "--help")
     assert proc.returncode == 0 and "key=value" in proc.stdout
+
+
+def test_shipped_preset_by_name_from_any_folder(tmp_path, data_root, cache_dir):
+    """Presets ship as package data: `metalearn train NAME` works outside the repository; a wrong name
+    is one line listing the shipped presets; a path still works (the other tests use paths)."""
+    env = {"METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)}
+    proc = run_cli("train", "omniglot_5w1s_quick", "outer.iterations=1", "eval.episodes=2", "model.hidden=8",
+                   "threads=1", "tracking.progress=false", "tracking.out_dir=runs", "tracking.name=byname",
+                   env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "byname" / "config.yaml").is_file()
+    bad = run_cli("train", "omniglot_5w1s_quik", env=env, cwd=tmp_path)
+    assert_one_line_error(bad, "omniglot_5w1s_quick")
+    listed = run_cli("list", cwd=tmp_path)
+    assert listed.returncode == 0 and "  omniglot_5w1s_quick\n" in listed.stdout and "first_order" in listed.stdout

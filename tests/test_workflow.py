@@ -83,7 +83,14 @@ def test_list_shows_presets_ablations_sweeps(capsys):
     assert main(["list", "--root", str(REPO)]) == 0
     out = capsys.readouterr().out
     for f in PRESETS + ABLATIONS + SWEEPS:
-        assert f.name in out
+        assert f"  {f.stem}\n" in out  # listed by the name that `metalearn train NAME` takes
+    # full descriptions, not only their first line
+    from metalearn.presets import description
+
+    last_line = (REPO / "experiments" / "configs" / "maml_omniglot_5w1s.yaml").read_text().splitlines()[5]
+    assert last_line.startswith("#") and description(REPO / "experiments" / "configs" / "maml_omniglot_5w1s.yaml").endswith(
+        last_line.lstrip("# ").strip())
+    assert " ".join(last_line.lstrip("# ").split()[-3:]) in " ".join(out.split())
     assert "maml" in out and "omniglot" in out and "conv4" in out
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -71,6 +73,9 @@ class CachedImages:
     `_build()` and cached atomically (older caches of the same data set and size are removed)."""
 
     _images: "torch.Tensor | None" = None
+    split_check: "Dict[str, torch.Tensor] | None" = None
+    """Set by open_dataset to the class split: on first loading `.images`, images pixel-identical across
+    its splits are counted (content hashes kept beside the cache) and reported as one warning."""
 
     @property
     def images(self) -> torch.Tensor:
@@ -82,6 +87,10 @@ class CachedImages:
                 images = self._build()
                 write_cache(path, self.class_names, images, stale=f"{self.name}-{self.image_size}px-*.pt")
             self._images = images
+            if self.split_check is not None:
+                from .checks import warn_identical_images
+
+                warn_identical_images(self, self.split_check, path)
         return self._images
 
 
@@ -155,30 +164,45 @@ def read_cache(path: Path, class_names: Sequence[str]) -> "torch.Tensor | None":
     return blob["images"] if blob.get("class_names") == list(class_names) else None
 
 
+def is_cache_file(path: Path, stale: str) -> bool:
+    """Whether `path` is a decode cache that `write_cache` wrote: its name is `stale` with the `*` being a
+    20-hex-digit fingerprint, and it is a torch file holding exactly {"class_names", "images"} (read
+    lazily with mmap, so checking costs no decode). Anything else in the folder is not ours."""
+    pattern = re.escape(stale).replace(r"\*", "[0-9a-f]{20}")
+    if not re.fullmatch(pattern, path.name) or path.is_symlink() or not path.is_file():
+        return False
+    try:
+        blob = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception:
+        return False
+    return isinstance(blob, dict) and set(blob) == {"class_names", "images"} and isinstance(blob["images"], torch.Tensor)
+
+
 def write_cache(path: Path, class_names: Sequence[str], images: torch.Tensor, stale: str) -> None:
-    """Atomically write the cache, then delete older caches of the same data set (glob `stale`)."""
+    """Atomically write the cache, then delete older caches of the same data set (glob `stale`): only
+    files `is_cache_file` recognises as caches this code wrote, never anything else in the folder."""
     try:
         atomic_torch_save({"class_names": list(class_names), "images": images}, path)
         for old in path.parent.glob(stale):
-            if old != path:
+            if old != path and is_cache_file(old, stale):
                 old.unlink(missing_ok=True)
-    except OSError as e:
-        print(f"warning: could not write the cache {path}: {e}")
+    except (OSError, MetalearnError) as e:
+        print(f"warning: could not write the cache {path}: {e}", file=sys.stderr)
 
 
-def split_by_names(dataset_name: str, class_names: Sequence[str], members: Dict[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
-    """split name -> class names  =>  split name -> sorted int64 indices into class_names; checks
-    that every listed class exists, no class is in two splits."""
+def split_by_names(dataset_name: str, class_names: Sequence[str], members: Dict[str, Sequence[str]],
+                   sources: "Dict[str, object] | None" = None, counts: "Sequence[int] | None" = None) -> Dict[str, torch.Tensor]:
+    """split name -> class names  =>  split name -> sorted int64 indices into class_names. Checks
+    (metalearn/data/checks.py) that no class is listed twice, in two splits, missing from the data or
+    (with `counts`, per class_names entry) without images; errors name `sources[split]`, the listing file."""
+    from .checks import check_class_lists
     from .splits import check_disjoint
 
     where = {c: i for i, c in enumerate(class_names)}
-    out = {}
-    for split, names in members.items():
-        missing = [n for n in names if n not in where]
-        if missing:
-            raise MetalearnError(f"{dataset_name}: the {split} split lists {len(missing)} class(es) not in the data, "
-                                 f"e.g. {missing[0]!r}")
-        out[split] = torch.tensor(sorted(where[n] for n in names), dtype=torch.int64)
+    sources = sources or {split: f"the {split} split" for split in members}
+    check_class_lists(dataset_name, members, sources, known=where,
+                      counts=None if counts is None else dict(zip(class_names, counts)))
+    out = {split: torch.tensor(sorted(where[n] for n in names), dtype=torch.int64) for split, names in members.items()}
     check_disjoint(out)
     return out
 

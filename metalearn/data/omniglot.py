@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ def _list_part(part: _Part) -> Dict[str, List[str]]:
                 raise MetalearnError(f"omniglot: {part.path} is an HTML page, not a zip file (a failed download? "
                                      f"get {part.name}.zip from {URL})") from None
             raise MetalearnError(f"omniglot: {part.path} is not a readable zip file ({e})") from None
+        if len(set(names)) != len(names):
+            seen = set()
+            twice = next(n for n in names if n in seen or seen.add(n))
+            raise MetalearnError(f"omniglot: {part.path} holds {twice} twice")
         for n in names:
             bits = n.split("/")
             if len(bits) == 4 and bits[0] == part.name and bits[3].endswith(".png"):
@@ -115,11 +120,20 @@ def _decode(png: bytes | str, image_size: int) -> np.ndarray:
 def _decode_chunk(args: Tuple[str, bool, List[List[str]], int]) -> np.ndarray:
     path, is_zip, characters, image_size = args
     out = np.empty((len(characters), DRAWINGS, image_size, image_size), dtype=np.uint8)
-    zf = zipfile.ZipFile(path) if is_zip else None
+    zf = None
+    m = path
     try:
+        zf = zipfile.ZipFile(path) if is_zip else None
         for i, members in enumerate(characters):
             for j, m in enumerate(members):
                 out[i, j] = _decode(zf.read(m) if zf else m, image_size)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # corrupt member, unreadable PNG
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        if type(e).__name__ == "UnidentifiedImageError":  # PIL: its message names only a BytesIO object
+            why = "not a readable image"
+        where = f"{m} in {path}" if is_zip and m != path else str(m)
+        raise MetalearnError(f"omniglot: cannot decode {where} ({type(e).__name__}: {why}); the file is damaged, "
+                             f"get a fresh copy from {URL}") from None
     finally:
         if zf:
             zf.close()
@@ -166,8 +180,11 @@ class Omniglot(CachedImages):
                 jobs.append((str(part.path), part.is_zip, [self._members[k] for k in chunk], self.image_size))
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            pool = ProcessPoolExecutor(workers)
+            try:
                 chunks = list(pool.map(_decode_chunk, jobs))
+            finally:  # a damaged file: stop at once instead of decoding the remaining chunks
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             chunks = [_decode_chunk(j) for j in jobs]
         return torch.from_numpy(np.concatenate(chunks)).unsqueeze(2).contiguous()
