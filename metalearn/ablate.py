@@ -93,9 +93,9 @@ def _cell_name(index: int, values: Dict[str, Any]) -> str:
 def load_ablation(path: str | Path, *, seeds: int = 3, out_dir: str | Path = "runs/ablations",
                   overrides: Sequence[str] = ()) -> Ablation:
     """Parse and validate an ablation file: every cell's config for every seed, nothing run or written."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetalearnError(f"ablation file not found: {path}")
+    from .presets import resolve  # a path, or the name of a shipped ablation
+
+    path = resolve(path, "ablations")
     if seeds < 1:
         raise MetalearnError(f"--seeds must be >= 1, got {seeds}")
     try:
