@@ -2,7 +2,9 @@
 
     python experiments/reproduce.py maml_omniglot_5w1s --device cuda           # train + evaluate, one JSON
     python experiments/reproduce.py maml_omniglot_5w1s --piece-minutes 9.5 --one-piece   # at most one piece
-    python experiments/reproduce.py --table                                    # README table from the JSONs
+    python experiments/reproduce.py --table                                    # print the table of the JSONs
+    python experiments/reproduce.py --table --write-readme                     # ... and rewrite README's copy
+    python experiments/reproduce.py --table --check                            # exit 1 if README's copy is stale
 
 A run trains `experiments/configs/<preset>.yaml` with `metalearn train` in a subprocess, in pieces of
 at most `--piece-minutes`: when a piece's time is up it gets SIGTERM, saves a checkpoint and exits,
@@ -46,6 +48,10 @@ PAPER = {
     "maml_omniglot_20w1s": {"paper": "95.8 ± 0.3", "target": 95.0},
     "maml_omniglot_20w5s": {"paper": "98.9 ± 0.2", "target": 98.5},
     "maml_omniglot_5w1s_cpu": {"paper": "98.7 ± 0.4", "target": 97.5},
+    "fomaml_omniglot_5w1s_cpu": {"paper": "98.3 ± 0.5", "target": 97.0},
+    # transfer baseline (Chen et al. 2019 report no Omniglot figure): ours is measured, no bar
+    "pretrain_omniglot": {"paper": "– (no Omniglot figure in Chen et al.)", "target": None,
+                          "extra_evals": [{"ways": 5, "shots": 5, "paper": "–", "target": None}]},
     "fomaml_omniglot_5w1s": {"paper": "98.3 ± 0.5", "target": 97.5},
     "reptile_omniglot_5w1s": {"paper": "97.68 (transductive)", "target": 97.0},
     "anil_omniglot_20w1s": {"paper": "–", "target": None},
@@ -118,7 +124,8 @@ def reproduce(preset: str, args: argparse.Namespace) -> int:
             print(f"reproduce: {name}: piece done (step {checkpoint_step(run_dir)}); run again to continue")
             return 0
         resume = (run_dir / "config.yaml").is_file()
-        cmd = [sys.executable, "-m", "metalearn", "train", str(path), *overrides] + (["--resume"] if resume else [])
+        command = "pretrain" if _algorithm(path) == "finetune" else "train"  # the transfer baseline pre-trains
+        cmd = [sys.executable, "-m", "metalearn", command, str(path), *overrides] + (["--resume"] if resume else [])
         before = checkpoint_step(run_dir)
         t0 = time.perf_counter()
         rc = run_piece(cmd, 60 * args.piece_minutes, env)
@@ -134,6 +141,12 @@ def reproduce(preset: str, args: argparse.Namespace) -> int:
         if stalled >= 2:
             fail(f"{name}: two pieces in a row made no progress; raise --piece-minutes")
     return write_result(preset, name, run_dir, state, args)
+
+
+def _algorithm(preset: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(OmegaConf.load(preset), "outer.algorithm", default="maml"))
 
 
 def _eval_split(run_dir: Path) -> str:
@@ -205,8 +218,9 @@ def table(results: Path) -> str:
         for e in r.get("extra_evals", []):
             if e.get("metric", "accuracy") == "accuracy":
                 met_e = {True: " (met)", False: " (not met)"}.get(e.get("meets_target"), "")
+                bar = "" if e.get("target") is None else f", bar ≥ {e['target']}"
                 ours += (f"; {e['ways']}w{e['shots']}s: {e['mean'] * 100:.2f} ± {e['ci95'] * 100:.2f}% "
-                         f"[paper {e['paper']}, bar ≥ {e['target']}]{met_e}")
+                         f"[paper {e['paper']}{bar}]{met_e}")
             else:
                 ours += f"; {e['inner_steps']} steps K={e['shots']}: {e['mean']:.3f} ± {e['ci95']:.3f}"
         met = {True: "yes", False: "no", None: "–"}[r["meets_target"]]
@@ -224,7 +238,8 @@ def update_readme(readme: Path, results: Path, check: bool) -> int:
     if status == "missing":
         fail(f"{readme} has no '{BEGIN}' ... '{END}' block")
     if status == "stale":
-        print(f"reproduce: {readme} is out of date; run python experiments/reproduce.py --table", file=sys.stderr)
+        print(f"reproduce: {readme} is out of date; run python experiments/reproduce.py --table --write-readme",
+              file=sys.stderr)
         return 1
     if status == "updated":
         print(f"updated {readme}")
@@ -242,12 +257,21 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS), help="folder of the result JSONs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every preset (repeatable); recorded in the result")
-    ap.add_argument("--table", action="store_true", help="rewrite the README's reproduction table from --out")
-    ap.add_argument("--check", action="store_true", help="with --table: only check the README is up to date")
+    ap.add_argument("--table", action="store_true", help="print the reproduction table (markdown) of the JSONs in --out")
+    ap.add_argument("--write-readme", action="store_true", help="with --table: also rewrite the README's copy of it")
+    ap.add_argument("--check", action="store_true", help="with --table: check the README's copy is up to date "
+                                                          "(exit 1 if not); writes nothing")
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     args = ap.parse_args()
+    if (args.write_readme or args.check) and not args.table:
+        fail("--write-readme and --check go with --table")
+    if args.write_readme and args.check:
+        fail("--write-readme and --check: choose one")
     if args.table:
-        return update_readme(Path(args.readme), Path(args.out), args.check)
+        if args.check:
+            return update_readme(Path(args.readme), Path(args.out), check=True)
+        print(table(Path(args.out)))
+        return update_readme(Path(args.readme), Path(args.out), check=False) if args.write_readme else 0
     if not args.presets:
         fail("name at least one preset (see experiments/configs/) or pass --table")
     if args.piece_minutes <= 0:
