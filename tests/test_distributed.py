@@ -257,3 +257,109 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_then_resume_with_one_p
     assert resumed.returncode == 0, resumed.stderr
     # float64 over 1500 Adam steps, a stretch of them with 2 processes: agreement to 1e-9 relative
     assert_close_params(load_checkpoint(run)["model"], load_checkpoint(tmp_path / "ref" / "run")["model"], rtol=1e-9)
+
+
+# --- python -m metalearn.launch: torchrun with metalearn's exit codes -------------------------------
+
+def _failed(*codes: int):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=c, error_file="<N/A>") for r, c in enumerate(codes)}
+    for r, f in failures.items():
+        f.timestamp = r  # rank 0 failed first
+    return ChildFailedError(name="metalearn", failures=failures)
+
+
+def _signal(sig):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    return SignalException("got signal", sigval=sig)
+
+
+@pytest.fixture
+def launch_main(monkeypatch):
+    """metalearn.launch.main with torchrun's `run` replaced by `fake`; SIGTERM's handler restored after."""
+    from torch.distributed import run as torchrun
+    from metalearn import launch
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def call(fake, argv):
+        monkeypatch.setattr(torchrun, "run", fake)
+        return launch.main(argv)
+    yield call
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchrun's @record under capsys
+@pytest.mark.parametrize("raised, code, line", [
+    (lambda: _signal(signal.SIGTERM), 143, "metalearn.launch: SIGTERM: the launcher stopped its processes (exit 143)"),
+    (lambda: _signal(signal.SIGINT), 130, "metalearn.launch: SIGINT: the launcher stopped its processes (exit 130)"),
+    (lambda: KeyboardInterrupt(), 130, "metalearn.launch: SIGINT: the launcher stopped (exit 130)"),
+    (lambda: _failed(143, 143), 143, "metalearn.launch: SIGTERM: rank 0 stopped (exit 143)"),
+    (lambda: _failed(-15, 1), 143, "metalearn.launch: SIGTERM: rank 0 stopped (exit 143)"),
+    (lambda: _failed(130), 130, "metalearn.launch: SIGINT: rank 0 stopped (exit 130)"),
+    (lambda: _failed(2, 2), 2, "metalearn.launch: error: rank 0 exited with 2 (2 of the processes failed; their "
+                               "messages are above)"),
+    (lambda: _failed(-9), 137, "metalearn.launch: SIGKILL: rank 0 stopped (exit 137)"),
+    (lambda: RuntimeError("The server socket has failed to listen on any local network address.\n port: 1"), 1,
+     "metalearn.launch: error: The server socket has failed to listen on any local network address. port: 1"),
+], ids=["sigterm", "sigint", "keyboard-interrupt", "ranks-exit-143", "rank-killed-by-sigterm", "rank-exit-130",
+        "ranks-exit-2", "rank-sigkill", "rendezvous-error"])
+def test_launch_turns_the_launchers_end_into_one_line_and_an_exit_code(launch_main, capsys, raised, code, line):
+    def fail(args):
+        raise raised()
+
+    assert launch_main(fail, ["--nproc_per_node", "2", "train", "x.yaml"]) == code
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_launch_takes_torchruns_arguments_and_a_bare_command(launch_main, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.chdir(tmp_path)
+    assert launch_main(seen.append, ["--nproc_per_node", "2", "train", "c.yaml", "outer.lr=0.1"]) == 0
+    assert launch_main(seen.append, ["--nproc_per_node", "2", "-m", "metalearn", "eval", "ckpt.pt"]) == 0
+    (tmp_path / "train").write_text("")  # a script named like a command is run as a script
+    assert launch_main(seen.append, ["train", "a"]) == 0
+    assert [(a.module, a.training_script, a.training_script_args) for a in seen] == [
+        (True, "metalearn", ["train", "c.yaml", "outer.lr=0.1"]), (True, "metalearn", ["eval", "ckpt.pt"]),
+        (False, "train", ["a"])]
+    assert seen[0].nproc_per_node == "2"
+
+
+def test_sigterm_to_the_launch_wrapper_exits_143_without_a_traceback_and_the_checkpoint_resumes(tmp_path):
+    """The launcher (python -m metalearn.launch) gets SIGTERM once the run has logged a step: torchrun
+    forwards it, the workers save the step they finish, and the launcher ends with one line and 143
+    (plain torchrun: its traceback and exit 1). The checkpoint then resumes to the end in one process."""
+    from test_checkpoint_resume import _wait_for_step
+
+    steps = 600  # far more than the 2-process run reaches before the signal lands
+    args = [str(PRESET), f"outer.iterations={steps}", "model.hidden=8", "outer.meta_batch_size=4",
+            "tracking.log_every=1", "eval.episodes=10", "tracking.progress=false", "checkpoint.every=0",
+            "tracking.out_dir=runs", "tracking.name=run"]
+    cmd = [sys.executable, "-m", "metalearn.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "120"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "run"
+    try:
+        _wait_for_step(proc, run / "metrics.jsonl", 2, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    assert err.splitlines()[-1] == "metalearn.launch: SIGTERM: the launcher stopped its processes (exit 143)"
+    saved = load_checkpoint(run)["step"]
+    assert err.count(f"metalearn: SIGTERM at step {saved}:") == 1
+    assert 2 <= saved < steps and saved == read_jsonl(run / "metrics.jsonl")[-1]["step"]
+    assert not (run / "eval-test.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "metalearn", "train", str(run), "--resume", "threads=1"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {saved} of {steps}" in resumed.stderr
+    assert load_checkpoint(run)["step"] == steps and (run / "eval-test.json").exists()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, steps + 1))
