@@ -39,19 +39,34 @@ class ConvBlock(nn.Module):
 
 
 def normalise(norm: nn.Module, h: Tensor) -> Tensor:
-    """norm(h), with BatchNorm always computed on NCHW memory.
+    """norm(h); for BatchNorm on channels-last h, the same normalisation written from exact reductions.
 
     PyTorch's CPU BatchNorm kernel for channels-last float32 tensors accumulates each channel's
     statistics (and, in the backward, its gradient sums) over N*H*W elements in float32, one
     after another: on real Omniglot batches that put the hybrid path's float32 meta-gradient
     5e-3 away from float64 (relative L2), against 1.4e-6 for the per-task loop (issue #19;
-    benchmarks/check_precision.py --real). The NCHW kernel is accurate, so a channels-last h
-    (the hybrid path's query images, metalearn/inner/layout.py) is normalised in NCHW and turned
-    back: two copies of one activation, the same values as the NCHW path, and the max-pool
-    that follows keeps its fast channels-last kernel. NCHW inputs take the ordinary path unchanged.
+    benchmarks/check_precision.py --real). The NCHW kernel is accurate but slow on channels-last
+    activations (it needs two layout copies and its backward alone took 60 ms on a 75-image first
+    layer here). So a channels-last h (the hybrid path's and ProtoNet's CPU images,
+    metalearn/inner/layout.py) is normalised with batch statistics from `sum` (a cascade sum:
+    accurate in float32, and fast over the outer dimensions of a channels-last tensor), two-pass:
+
+        mean = sum(h) / M,  var = sum((h - mean)^2) / M,  y = (h - mean) * (weight / sqrt(var + eps)) + bias
+
+    with M = N*H*W per channel: what BatchNorm computes in training mode (biased variance) without
+    running statistics. Plain differentiable operations, so autograd gives the exact first and
+    second derivatives. NCHW inputs, and BatchNorm that tracks running statistics, take the
+    module's own path unchanged.
     """
-    if isinstance(norm, nn.BatchNorm2d) and not h.is_contiguous():
-        return norm(h.contiguous()).contiguous(memory_format=torch.channels_last)
+    if isinstance(norm, nn.BatchNorm2d) and not norm.track_running_stats and h.dim() == 4 and not h.is_contiguous():
+        m = h.numel() // h.shape[1]
+        mean = h.sum((0, 2, 3), keepdim=True) / m
+        d = h - mean
+        var = (d * d).sum((0, 2, 3), keepdim=True) / m
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.affine:
+            return torch.addcmul(norm.bias[:, None, None], d, scale * norm.weight[:, None, None])
+        return d * scale
     return norm(h)
 
 

@@ -1,0 +1,105 @@
+"""What the float32 fix of the hybrid path costs: BatchNorm of channels-last activations from exact sums
+(metalearn/models/conv4.py `normalise`) against PyTorch's channels-last kernel (the old path, 5e-3 off
+float64 on real Omniglot batches).
+
+    .venv/bin/python benchmarks/bench_hybrid_bn.py --threads 2 --reps 7 --out benchmarks/results/hybrid_bn_cpu.json
+
+Row 1 of bench_meta_step (Omniglot 5-way 1-shot, 32 tasks, conv4 with 64 filters, one second-order inner
+step, 15 query examples per class) on real Omniglot training episodes ($METALEARN_DATA), hybrid
+execution; the two variants alternate rep by rep in one process, so machine load hits both alike.
+Reported: median ms per meta-step (forward, backward and an Adam step) and the float32 meta-gradient's
+relative L2 error against float64 (all parameters but the conv biases), beside the per-task loop's own
+float32 error on the same batch (the floor).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from metalearn._io import atomic_json  # noqa: E402
+from metalearn.algorithms import MAML  # noqa: E402
+from metalearn.config import load_config  # noqa: E402
+from metalearn.data import EpisodeSampler, open_dataset  # noqa: E402
+from metalearn.models import conv4  # noqa: E402
+
+EXACT = conv4.normalise
+
+
+def native(norm, h):
+    """The old path: PyTorch's BatchNorm kernel on whatever layout h has."""
+    return norm(h)
+
+
+def meta_gradient(batch, dtype, execution="hybrid"):
+    torch.manual_seed(0)
+    model = conv4.Conv4(hidden=64).to(dtype)
+    algo = MAML(model, inner_lr=0.4, inner_steps=1).set_execution(execution)
+    algo.meta_step(batch)
+    return model, {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def rel(g, ref):
+    keys = [n for n in ref if not n.endswith("conv.bias")]
+    return (torch.sqrt(sum(((g[n] - ref[n]) ** 2).sum() for n in keys))
+            / torch.sqrt(sum((ref[n] ** 2).sum() for n in keys))).item()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / "experiments" / "configs" / "omniglot_5w1s_quick.yaml")
+    ds, splits = open_dataset(cfg.data)
+    images = ds.images[splits["train"]]
+    batch32 = EpisodeSampler(images, 5, 1, 15, seed=0, split="train", dtype=torch.float32).sample(args.tasks)
+    batch64 = EpisodeSampler(images, 5, 1, 15, seed=0, split="train", dtype=torch.float64).sample(args.tasks)
+    conv4.normalise = EXACT
+    _, ref = meta_gradient(batch64, torch.float64, "loop")
+    loop_error = rel(meta_gradient(batch32, torch.float32, "loop")[1], ref)  # float32's own floor
+    variants = {"exact-sums batchnorm (now)": EXACT, "channels-last-batchnorm (before)": native}
+    errors, times = {}, {k: [] for k in variants}
+    for name, fn in variants.items():
+        conv4.normalise = fn
+        errors[name] = rel(meta_gradient(batch32, torch.float32)[1], ref)
+    model = conv4.Conv4(hidden=64)
+    algo = MAML(model, inner_lr=0.4, inner_steps=1).set_execution("hybrid")
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for rep in range(args.reps + 1):  # the first rep of each is a warm-up
+        for name, fn in variants.items():
+            conv4.normalise = fn
+            t = time.perf_counter()
+            opt.zero_grad()
+            algo.meta_step(batch32)
+            opt.step()
+            if rep:
+                times[name].append(1000 * (time.perf_counter() - t))
+    conv4.normalise = EXACT
+    rows = [{"variant": k, "median_ms": statistics.median(v), "ms": [round(x, 1) for x in v],
+             "rel_l2_vs_float64": errors[k]} for k, v in times.items()]
+    for r in rows:
+        print(f"{r['variant']:34s} {r['median_ms']:8.1f} ms/step   float32 error {r['rel_l2_vs_float64']:.2e}")
+    cost = rows[0]["median_ms"] / rows[1]["median_ms"]
+    print(f"cost of the exact BatchNorm: x{cost:.3f} per meta-step; the loop's own float32 error: {loop_error:.2e}")
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu", "device_name": platform.machine(),
+           "torch": torch.__version__, "threads": args.threads, "tasks": args.tasks, "rows": rows, "time_ratio": cost,
+           "loop_rel_l2_vs_float64": loop_error}
+    if args.out:
+        print(f"wrote {atomic_json(out, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
