@@ -125,14 +125,50 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
+def _git(where: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
 def git_info(where: str | Path | None = None) -> Dict[str, Any]:
-    """{"commit": sha, "dirty": bool} of the repository holding this package; {} outside git."""
-    where = Path(where) if where else Path(__file__).resolve().parent
+    """{"commit": sha, "dirty": bool} of the git repository holding `where`; {} outside git. Without `where`:
+    metalearn's own source checkout, and {} when metalearn is not run from one (a wheel installed into a
+    virtual environment that happens to lie inside some repository does not get that repository's commit)."""
+    package = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        if where is None:
+            where = package
+            if Path(_git(package, "rev-parse", "--show-toplevel")).resolve() != package.parent:
+                return {}
+        commit = _git(Path(where), "rev-parse", "HEAD")
+        status = _git(Path(where), "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"commit": commit, "dirty": bool(status.strip())}
+    return {"commit": commit, "dirty": bool(status)}
+
+
+def metalearn_info() -> Dict[str, Any]:
+    """{"version": installed version (package metadata; the source's __version__ without one), and "commit",
+    "dirty" when metalearn runs from a git checkout}."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("metalearn")
+    except metadata.PackageNotFoundError:
+        from . import __version__ as version
+    return {"version": version, **git_info()}
+
+
+def provenance() -> Dict[str, Any]:
+    """What run.json records about the code: {"metalearn": metalearn_info(), "workdir": {"path", "commit",
+    "dirty"} of the git repository of the current working folder ({"path"} alone when it is not in one)}."""
+    cwd = Path.cwd()
+    work: Dict[str, Any] = {"path": str(cwd)}
+    info = git_info(cwd)
+    if info:
+        try:
+            work["path"] = _git(cwd, "rev-parse", "--show-toplevel")
+        except (OSError, subprocess.SubprocessError):
+            pass
+        work.update(info)
+    return {"metalearn": metalearn_info(), "workdir": work}

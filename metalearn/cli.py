@@ -2,11 +2,12 @@
 
     metalearn train CONFIG.yaml [key=value ...] [--resume]   meta-train, then evaluate on fixed test episodes
     metalearn pretrain CONFIG.yaml [key=value ...]           supervised pre-training, then fine-tuning per episode
-    metalearn eval CHECKPOINT [--split test --episodes 600 --ways 5 --shots 1 ...]
+    metalearn eval CHECKPOINT [--split test --episodes 600 ...] [eval.KEY=VALUE ...]  one result file per setting
     metalearn ablate ABLATION.yaml [--seeds 3]                run a grid of configs; table + figure of mean ± CI
     metalearn bench CONFIG.yaml [key=value ...] [--steps 20]  time meta-training steps on synthetic images
     metalearn list                                            data sets, models, algorithms, presets, ablations
     metalearn data check [DATASET] [key=value ...]            check a data set's splits; classes, images, overlaps
+    metalearn --version                                       metalearn (and its commit in a checkout) and torch versions
 """
 from __future__ import annotations
 
@@ -93,18 +94,19 @@ def _transfer_line(ev: dict) -> str:
 
 
 def final_line(ev: dict) -> str:
-    """The last line of `metalearn train`: test accuracy (or MSE) ± 95% CI and the protocol."""
-    if ev.get("metric") == "mse":
-        return (f"{ev['split']} MSE: {ev['mean']:.4f} ± {ev['ci95']:.4f} (95% CI) over {ev['episodes']} "
-                f"{ev['shots']}-shot sinusoid episodes, {ev['inner_steps']} inner steps")
-    return (f"{ev['split']} accuracy: {100 * ev['mean']:.2f} ± {100 * ev['ci95']:.2f}% (95% CI) over {ev['episodes']} "
-            f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} inner steps")
+    """The last line of `metalearn train`: test accuracy (or MSE) ± 95% CI and the protocol; the same line as
+    `metalearn eval` prints (EvalResult.summary)."""
+    from .evaluation import EvalResult
+
+    return EvalResult.from_dict(ev).summary()
 
 
 def _run_transfer(cfg, resume: bool) -> int:
     from .transfer import run_transfer, summary_line
 
     summary = run_transfer(cfg, resume=resume, share_init=False)
+    if summary.get("finished"):  # a finished pre-training run resumed: its saved result, nothing re-run
+        return _print_finished(summary, "pretrain")
     print(f"run folder: {summary['run_dir']}")
     if summary["interrupted"]:
         print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
@@ -155,6 +157,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # decode cache <- --cache-dir or $METALEARN_CACHE (default ~/.cache/metalearn); eval writes no run folder.
     cfg.data.root, cfg.data.cache_dir = args.data_root or "", args.cache_dir or ""
     cfg.tracking.out_dir, cfg.tracking.wandb.enabled = str(ckpt_path.parent), False
+    cfg.tracking.tensorboard = False
+    cfg = _eval_overrides(cfg, list(args.overrides))
     for key, value in [("split", args.split), ("episodes", args.episodes), ("ways", args.ways), ("shots", args.shots),
                        ("query_shots", args.query_shots), ("inner_steps", args.inner_steps),
                        ("inner_lr", args.inner_lr), ("seed", args.seed), ("batch_size", args.batch_size)]:
@@ -162,7 +166,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg.eval, key, value)
     if args.device:
         cfg.device = args.device
+    if args.threads is not None:
+        cfg.threads = args.threads
     validate(cfg)
+    if cfg.threads:  # the run's threads unless changed: the same threads give bit-identical CPU results
+        torch.set_num_threads(cfg.threads)
     dist = distributed.init(cfg.device)  # torchrun: episodes sharded across processes, then gathered
     if dist.enabled and cfg.outer.algorithm == "finetune":
         raise MetalearnError("eval of a finetune checkpoint runs with one process (its support accuracies are per process)")
@@ -199,11 +207,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         support = algorithm.take_support()
         record.update(support_mean=support.mean().item(), support_accuracies=support.tolist())
         print(f"support accuracy after fine-tuning: {100 * record['support_mean']:.2f}%")
+    # one file per setting that changes the numbers (never the training run's own eval-<split>.json); a
+    # checkpoint other than checkpoint.pt gets its name in front (two checkpoints in one folder)
     out = Path(args.out) if args.out else ckpt_path.with_name(
-        f"eval-{result.split}-{'' if regression else f'{result.ways}w'}{result.shots}s-{result.episodes}ep.json")
+        result.file_name("eval" if ckpt_path.stem == "checkpoint" else f"eval-{ckpt_path.stem}"))
     atomic_json({"checkpoint": str(ckpt_path), "step": ckpt["step"], "eval": record}, out)
     print(f"saved {out}")
     return 0
+
+
+_EVAL_KEYS = ("eval.", "device", "threads")
+"""What `metalearn eval KEY=VALUE` may change: the evaluation protocol and where/how it runs, never the
+model or how it was trained (those are the checkpoint's)."""
+
+
+def _eval_overrides(cfg, overrides: List[str]):
+    """cfg with `metalearn eval`'s key=value overrides applied (eval.*, device, threads only)."""
+    from .config import apply_overrides
+
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        if not (key.startswith("eval.") or key in ("device", "threads")):
+            raise MetalearnError(f"eval: {key} cannot be changed when evaluating a checkpoint; only eval.* keys, "
+                                 f"device and threads (the rest is the checkpoint's)")
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -300,8 +327,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "execution": algorithm.execution_plan()[0] if hasattr(algorithm, "execution_plan") else None,
         "precision": cfg.precision, "inner_checkpoint": cfg.inner.checkpoint,
     }
+    from .evaluation import plural
+
+    steps = f"{plural(cfg.inner.steps, 'inner step')}, " if getattr(algorithm, "has_inner_loop", True) else ""
     print(f"{cfg.outer.algorithm} {d.ways}-way {d.shots}-shot, meta-batch {cfg.outer.meta_batch_size}, "
-          f"{cfg.inner.steps} inner steps, {result['device']}, execution {result['execution']}, "
+          f"{steps}{result['device']}, execution {result['execution']}, "
           f"precision {cfg.precision}: {result['ms_per_step']:.1f} ms/step, "
           f"{result['tasks_per_s']:.1f} tasks/s over {args.steps} steps")
     if args.out:
@@ -396,8 +426,32 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def version_line() -> str:
+    """"metalearn 0.1.0 (commit 1a2b3c4d, dirty), torch 2.5.1": the installed version, its source commit
+    when running from a git checkout, and torch's version."""
+    import torch
+
+    from .checkpoint import metalearn_info
+
+    info = metalearn_info()
+    commit = f" (commit {info['commit'][:8]}{', dirty' if info.get('dirty') else ''})" if info.get("commit") else ""
+    return f"metalearn {info['version']}{commit}, torch {torch.__version__}"
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked (it imports torch)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metalearn", description="Few-shot meta-learning: train, evaluate, ablate, list.")
+    p.add_argument("--version", action=_Version, help="print the metalearn and torch versions and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a YAML config, then evaluate on fixed test episodes",
@@ -433,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint on a fixed, seeded list of episodes and save the "
                                    "per-episode accuracies, mean and 95%% CI as JSON (next to the checkpoint unless --out).")
     e.add_argument("checkpoint", help="checkpoint.pt or a run folder")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="eval.* keys, device and threads (e.g. eval.transductive=false eval.query_shots=5); "
+                        "the options below win over them")
     e.add_argument("--split", choices=["train", "val", "test"], help="class split (default: the run's eval.split)")
     e.add_argument("--episodes", type=int, help="number of fixed episodes (default: the run's eval.episodes)")
     e.add_argument("--ways", type=int, help="N (must match the checkpoint's head)")
@@ -443,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="seed of the fixed episode list")
     e.add_argument("--batch-size", type=int, help="episodes adapted together (memory only)")
     e.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    e.add_argument("--out", help="where to write the JSON result")
+    e.add_argument("--threads", type=int, help="torch threads (default: the run's `threads`; 0 = torch's default)")
+    e.add_argument("--out", help="where to write the JSON result (default: next to the checkpoint, "
+                                 "eval-<split>-<ways>w<shots>s<query>q-<steps>-lr<lr>-<transductive|inductive>-"
+                                 "seed<seed>-<episodes>ep.json: one file per setting)")
     e.add_argument("--data-root", help="data set folder (default $METALEARN_DATA/<dataset>; the checkpoint's "
                                        "data.root is not used)")
     e.add_argument("--cache-dir", help="decode cache folder (default $METALEARN_CACHE or ~/.cache/metalearn; the "

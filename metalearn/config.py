@@ -221,6 +221,9 @@ class TrackingConfig:
     """Average the training metrics over this many outer steps per logged row."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into <run folder>/tensorboard/ (scalars, the learning-curve figure,
+    the evaluation result; `tensorboard --logdir runs`); needs the tensorboard package (pip install tensorboard)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -302,6 +305,21 @@ def from_dict(d: dict[str, Any]) -> Config:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise MetalearnError(f"saved config: {_one_line(e)}") from None
+
+
+def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
+    """A copy of `cfg` with `key=value` overrides applied (unknown keys and wrong types are one-line errors),
+    validated."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise MetalearnError(f"override {ov!r} is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise MetalearnError(f"config: {_one_line(e)}") from None
+    validate(out)
+    return out
 
 
 def _positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:

@@ -46,14 +46,35 @@ class EvalResult:
     metric: str = "accuracy"
     """What mean, ci95 and the per-episode values measure: "accuracy" (classification) or "mse" (regression).
     Results saved before this field existed are accuracies."""
+    inner_loop: bool = True
+    """False for algorithms that adapt without inner steps (ProtoNet): inner_steps and inner_lr do not apply."""
 
     def summary(self) -> str:
-        return f"{self.split}: {format_score(self.metric, self.mean, self.ci95)} ({self.protocol()})"
+        """The result line of `metalearn train` and `metalearn eval` (and of validation during training), e.g.
+        "test accuracy: 93.16 ± 0.52% (95% CI) over 600 5-way 1-shot episodes, 1 inner step"."""
+        what = "MSE" if self.metric == "mse" else "accuracy"
+        return f"{self.split} {what}: {format_score(self.metric, self.mean, self.ci95, named=False)} (95% CI) over {self.protocol()}"
 
     def protocol(self) -> str:
-        if self.metric == "mse":
-            return f"{self.shots}-shot regression, {self.episodes} episodes, {self.inner_steps} inner steps"
-        return f"{self.ways}-way {self.shots}-shot, {self.episodes} episodes, {self.inner_steps} inner steps"
+        """"600 5-way 1-shot episodes, 5 inner steps"; "100 5-shot sinusoid episodes, 1 inner step"."""
+        kind = f"{self.shots}-shot sinusoid" if self.metric == "mse" else f"{self.ways}-way {self.shots}-shot"
+        steps = f", {plural(self.inner_steps, 'inner step')}" if self.inner_loop else ""
+        return f"{self.episodes} {kind} episodes{steps}"
+
+    def file_name(self, prefix: str = "eval") -> str:
+        """A file name that names every setting that changes the numbers, so that evaluations of one checkpoint
+        with different settings never overwrite each other: split, ways, shots, query shots, inner steps and
+        lr (not for ProtoNet; no lr when the lrs are learned), transductive or not, the episode seed and the
+        number of episodes, e.g. eval-test-5w1s15q-5steps-lr0.4-transductive-seed0-600ep.json."""
+        shape = (f"{self.shots}s" if self.metric == "mse" else f"{self.ways}w{self.shots}s") + f"{self.query_shots}q"
+        parts = [prefix, self.split, shape]
+        if self.inner_loop:
+            parts.append(f"{self.inner_steps}step{'' if self.inner_steps == 1 else 's'}")
+            parts.append("lr-learned" if self.inner_lr is None else f"lr{float(self.inner_lr)!r}")
+        if self.metric != "mse":
+            parts.append("transductive" if self.transductive else "inductive")
+        parts += [f"seed{self.seed}", f"{self.episodes}ep"]
+        return "-".join(parts) + ".json"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,11 +85,17 @@ class EvalResult:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def format_score(metric: str, mean: float, ci95: float) -> str:
-    """"93.16 ± 0.52%" for accuracy, "MSE 0.5123 ± 0.0456" for regression (both 95% CI)."""
+def format_score(metric: str, mean: float, ci95: float, named: bool = True) -> str:
+    """"93.16 ± 0.52%" for accuracy, "MSE 0.5123 ± 0.0456" for regression (both 95% CI; "0.5123 ± 0.0456"
+    with named=False)."""
     if metric == "mse":
-        return f"MSE {mean:.4f} ± {ci95:.4f}"
+        return f"{'MSE ' if named else ''}{mean:.4f} ± {ci95:.4f}"
     return f"{100 * mean:.2f} ± {100 * ci95:.2f}%"
+
+
+def plural(n: int, what: str) -> str:
+    """"1 inner step", "5 inner steps"."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -106,12 +133,20 @@ def evaluate(algorithm, images: Optional[torch.Tensor], *, ways: int, shots: int
     values = []
     with tqdm(total=hi - lo, desc=f"eval {split}", disable=not (progress and dist.is_main), leave=False,
               dynamic_ncols=True) as bar:
-        for batch in batches:
-            values.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
-            bar.update(batch.num_tasks)
+        # the per-task loops of the algorithms report each scored episode (algorithms/base.py episode_done);
+        # a batched path scores a whole batch at once, and the bar then moves by the batch
+        algorithm.on_episode = (lambda: bar.update(1)) if not bar.disable else None
+        try:
+            for batch in batches:
+                shown = bar.n
+                values.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
+                bar.update(shown + batch.num_tasks - bar.n)
+        finally:
+            algorithm.on_episode = None
     local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
     scores = distributed.gather_cat(local, dist)  # (episodes,) in episode order
     mean, ci = mean_ci95(scores)
     recorded_lr = None if getattr(algorithm, "learns_inner_lr", False) else inner_lr
     return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, recorded_lr, seed, batchnorm,
-                      mean, ci, scores.tolist(), transductive, getattr(algorithm, "metric_name", "accuracy"))
+                      mean, ci, scores.tolist(), transductive, getattr(algorithm, "metric_name", "accuracy"),
+                      getattr(algorithm, "has_inner_loop", True))

@@ -1,15 +1,17 @@
-"""Where metrics go: always `metrics.jsonl` in the run folder; Weights & Biases when enabled.
+"""Where metrics go: always `metrics.jsonl` in the run folder; Weights & Biases and TensorBoard when enabled.
 
-Backends share one small protocol (`log(step, metrics)`, `summary(metrics)`, `close()`);
-`Trackers` fans out to several. `import wandb` happens only inside `WandbTracker`, i.e. only
-when `tracking.wandb.enabled` is true. The stdout side (tqdm bar with loss, accuracy, tasks/s
-and ETA) lives in the training loop.
+Backends share one small protocol (`log(step, metrics)`, `summary(metrics)`, `close()`; optionally
+`log_image(key, png, step)` and `log_text(key, text, step)`); `Trackers` fans out to several.
+`import wandb` happens only inside `WandbTracker` and `torch.utils.tensorboard` only inside
+`TensorboardTracker`, i.e. only when `tracking.wandb.enabled` / `tracking.tensorboard` is true.
+The stdout side (tqdm bar with loss, accuracy, tasks/s and ETA) lives in the training loop.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence
@@ -85,6 +87,13 @@ class WandbTracker:
             raise MetalearnError(f"W&B ({mode}) could not start the run: {why}; check the network and your API key "
                                  f"(wandb login), or use tracking.wandb.mode=offline") from None
         self.id = self.run.id
+        self.offline_dir: Optional[Path] = None
+        """The offline run's folder (offline-run-<time>-<id>), announced at close with its `wandb sync` command."""
+        if mode == "offline":
+            try:
+                self.offline_dir = Path(self.run.dir).parent  # .../wandb/offline-run-*/files -> offline-run-*
+            except Exception:
+                self.offline_dir = None
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         self.run.log({k: _clean(v) for k, v in metrics.items()}, step=step)
@@ -100,8 +109,55 @@ class WandbTracker:
         art.add_file(str(path))
         self.run.log_artifact(art)
 
+    def log_text(self, key: str, text: str, step: int) -> None:
+        pass  # the evaluation is in the run's summary already
+
     def close(self, ok: bool = True) -> None:
         self.run.finish(exit_code=self.exit_code if self.exit_code is not None else 0 if ok else 1)
+        if self.offline_dir is not None:
+            print(f"W&B offline run written to {self.offline_dir}; upload it with\n  wandb sync {self.offline_dir}",
+                  file=sys.stderr)
+
+
+class TensorboardTracker:
+    """TensorBoard event files in `log_dir` (the run folder's tensorboard/): every logged metric as a scalar,
+    the learning-curve figure as an image, the evaluation result as text (its numbers are scalars too).
+    `torch.utils.tensorboard` (which needs the tensorboard package) is imported only here."""
+
+    def __init__(self, log_dir: str | Path, config: Optional[Dict[str, Any]] = None, purge_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MetalearnError("tracking.tensorboard=true but the tensorboard package is not installed "
+                                 "(pip install tensorboard)") from None
+        self.log_dir = Path(log_dir)
+        # purge_step (resuming from a checkpoint at step k): TensorBoard hides the events after k that the
+        # interrupted process wrote, as JsonlTracker drops those rows
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+        if config is not None and purge_step is None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        pass  # the final numbers are logged as scalars (and as text by log_text)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.writer.add_image(key, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.writer.add_text(key, text, step)
+
+    def close(self, ok: bool = True) -> None:
+        self.writer.flush()
+        self.writer.close()
 
 
 class Trackers:
@@ -117,6 +173,18 @@ class Trackers:
     def summary(self, metrics: Dict[str, Any]) -> None:
         for t in self.trackers:
             t.summary(metrics)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """The PNG at `path` to the trackers that take images (W&B, TensorBoard)."""
+        for t in self.trackers:
+            if hasattr(t, "log_image"):
+                t.log_image(key, path, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        """A text (e.g. the evaluation result) to the trackers that take text (TensorBoard)."""
+        for t in self.trackers:
+            if hasattr(t, "log_text"):
+                t.log_text(key, text, step)
 
     def close(self, ok: bool = True) -> None:
         for t in self.trackers:

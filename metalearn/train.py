@@ -25,16 +25,17 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (CHECKPOINT_NAME, git_info, load_checkpoint, nonfinite_tensor, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CHECKPOINT_NAME, git_info, load_checkpoint, nonfinite_tensor, provenance, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import Config, from_dict, to_dict
 from .data import REGRESSION, EpisodeSampler, SinusoidSampler, check_episode_fits, open_dataset
 from .errors import MetalearnError
 from .precision import meta_step_context, set_precision
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult, evaluate, plural
 from .inner import select
 from .models import build_model
-from .tracking import JsonlTracker, Trackers, WandbTracker, plot_learning_curve, read_jsonl
+from .tracking import (JsonlTracker, TensorboardTracker, Trackers, WandbTracker, curve_title, plot_learning_curve,
+                       read_jsonl)
 from ._io import atomic_json, atomic_write, check_writable_folder
 
 
@@ -70,6 +71,23 @@ def eval_settings(cfg: Config) -> Dict[str, Any]:
                 query_shots=cfg.eval.query_shots,
                 inner_steps=cfg.inner.steps if cfg.eval.inner_steps is None else cfg.eval.inner_steps,
                 inner_lr=cfg.inner.lr if cfg.eval.inner_lr is None else cfg.eval.inner_lr)
+
+
+def run_settings(cfg: Config) -> str:
+    """The key settings of a run, for the learning curve's title: "maml, 5-way 1-shot, 1 inner step (lr 0.4),
+    meta-batch 32, 60000 outer steps, seed 0"."""
+    episode = (f"sinusoid {cfg.data.shots}-shot" if cfg.data.dataset in REGRESSION
+               else f"{cfg.data.dataset} {cfg.data.ways}-way {cfg.data.shots}-shot")
+    inner = "" if cfg.outer.algorithm == "protonet" else f", {plural(cfg.inner.steps, 'inner step')} (lr {cfg.inner.lr:g})"
+    return (f"{cfg.outer.algorithm}, {episode}{inner}, meta-batch {cfg.outer.meta_batch_size}, "
+            f"{cfg.outer.iterations} outer steps, seed {cfg.seed}")
+
+
+def run_record(git: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    """run.json: the code (metalearn's version and source commit, the working folder's repository and commit),
+    the command, torch's version and the start time."""
+    return {"git": git, **provenance(), "argv": sys.argv, "torch": torch.__version__,
+            "started": datetime.now().isoformat(), **extra}
 
 
 def build_algorithm(cfg: Config, model: torch.nn.Module):
@@ -307,10 +325,13 @@ class _RaiseOnSignals(_StopSignals):
         raise _SignalStop(signal.Signals(signum).name)
 
 
-def _finished_result(out: Path, ckpt: Optional[Dict[str, Any]], cfg: Config) -> Optional[Dict[str, Any]]:
-    """The saved evaluation summary of a run that already trained all its steps and was evaluated, else None."""
+def _finished_result(out: Path, ckpt: Optional[Dict[str, Any]], cfg: Config,
+                     total: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """The saved evaluation summary of a run that already trained all its steps and was evaluated, else None.
+    total: the run's number of steps (default outer.iterations; pre-training passes transfer.pretrain.steps)."""
     path = out / f"eval-{cfg.eval.split}.json"
-    if ckpt is None or ckpt["step"] < cfg.outer.iterations or not path.is_file():
+    total = cfg.outer.iterations if total is None else total
+    if ckpt is None or ckpt["step"] < total or not path.is_file():
         return None
     import json
 
@@ -397,8 +418,7 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
         def create() -> None:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
-            atomic_json({"git": git, "argv": sys.argv, "torch": torch.__version__, "started": datetime.now().isoformat(),
-                         "world_size": dist.world_size}, out / "run.json")
+            atomic_json(run_record(git, world_size=dist.world_size), out / "run.json")
         distributed.on_main(create, dist)
     # the same starting point on every process (identical by seeding already; this makes it certain)
     distributed.broadcast_parameters([*model.parameters(), *learnables, *model.buffers()], dist)
@@ -410,6 +430,9 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
     # --- trackers: metrics.jsonl always, W&B when enabled (rank 0 only) ---------------------
     def open_trackers() -> Trackers:
         trackers: List[Any] = [JsonlTracker(out / "metrics.jsonl", keep_until=start if resume else None)]
+        if cfg.tracking.tensorboard:  # local and cheap: before W&B, so that a missing package starts nothing
+            trackers.append(TensorboardTracker(out / "tensorboard", config=to_dict(cfg),
+                                               purge_step=start + 1 if resume and start else None))
         wandb_run = None
         if cfg.tracking.wandb.enabled:
             wandb_run = WandbTracker(cfg.tracking.wandb, run_dir=out, name=cfg.tracking.name, config=to_dict(cfg),
@@ -515,12 +538,13 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
             return {"run_dir": str(out), "interrupted": stopped, "step": step,
                     "train_seconds": round(train_seconds, 2), "eval": None}
 
-        # --- learning curve, final evaluation, artifact -----------------------------------------
+        # --- final evaluation, learning curve (titled with the result), artifact -------------------
         try:
             with _RaiseOnSignals():
-                curve = (plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
-                         if main else None)
                 result = run_eval(cfg.eval.split, cfg.eval.episodes, progress=cfg.tracking.progress)
+                curve = (plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png",
+                                             title=curve_title(cfg.tracking.name, run_settings(cfg), result.summary()))
+                         if main else None)
         except _SignalStop as e:  # the checkpoint of the last step is saved: --resume evaluates it
             exit_code = 130 if e.name == "SIGINT" else 143
             return {"run_dir": str(out), "interrupted": e.name, "step": step, "during": "the final evaluation",
@@ -532,8 +556,10 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
                    "eval": {**result.to_dict(), **eval_runtime(cfg, algorithm)}}
         if main:
             atomic_json(summary, out / f"eval-{cfg.eval.split}.json")
+        if main:
+            tracker.log_image("learning_curve", curve, step=total)
+            tracker.log_text(f"eval/{cfg.eval.split}", result.summary(), step=total)
         if wandb_run is not None:
-            wandb_run.log_image("learning_curve", curve, step=total)
             if cfg.tracking.wandb.log_checkpoint:
                 wandb_run.log_checkpoint(out / CHECKPOINT_NAME, name=f"checkpoint-{wandb_run.id}",
                                          metadata={"step": total, **final})

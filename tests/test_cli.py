@@ -83,7 +83,7 @@ def test_config_validation_in_process():
 
 def test_list_and_help():
     proc = run_cli("list", cwd=REPO)
-    assert proc.returncode == 0 and "omniglot" in proc.stdout and "omniglot_5w1s_quick.yaml" in proc.stdout
+    assert proc.returncode == 0 and "omniglot" in proc.stdout and "  omniglot_5w1s_quick\n" in proc.stdout
     proc = run_cli("train", "--help")
     assert proc.returncode == 0 and "key=value" in proc.stdout
 

@@ -228,6 +228,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, match, setup, tmp
     before = snapshot(work)
     sin_before = snapshot(ctx["sin_run"]) if "sin_run" in ctx else None
     proc = run_cli(*args, env=env, cwd=work)
+    if name in ("corrupt-deflate-member", "unreadable-png"):  # the first decode starts (its progress line), then fails
+        first, _, rest = proc.stderr.partition("\n")
+        assert first == "decoding omniglot (first use; cached afterwards) ...", proc.stderr
+        proc.stderr = rest
     assert_one_line_error(proc, match)
     assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
     assert snapshot(work) == before, "files were written"
@@ -488,3 +492,106 @@ def test_a_read_only_out_dir_is_one_line_before_any_work(tmp_path):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+# --- supervised pre-training (metalearn/transfer/pretrain.py): the same guarantees as meta-training ----
+
+PRETRAIN = QUICK.parent / "pretrain_omniglot.yaml"
+PRE = ["transfer.pretrain.steps=3", "transfer.pretrain.batch_size=8", "model.hidden=8", "eval.val_every=0",
+       "eval.episodes=2", "eval.query_shots=2", "eval.batch_size=2", "eval.inner_steps=1", "threads=1",
+       "tracking.progress=false", "tracking.log_every=1", "checkpoint.every=1"]
+
+
+def test_nonfinite_pretraining_parameters_stop_the_run_and_are_never_saved(tmp_path, data_root, cache_dir,
+                                                                           monkeypatch):
+    """An update that overflows a parameter at pre-training step 2: stop naming the step; the step-1
+    checkpoint stays (finite parameters and optimiser state), no eval file."""
+    from metalearn.transfer import pretrain
+
+    step, calls = torch.optim.Adam.step, []
+
+    def overflowing_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
+    cfg = load_config(PRETRAIN, [*PRE, f"data.root={data_root / 'omniglot'}", f"data.cache_dir={cache_dir}",
+                                 f"tracking.out_dir={tmp_path}", "tracking.name=boom"])
+    with pytest.raises(MetalearnError, match=r"non-finite parameter .* after the update of pre-training step 2; "
+                                             r".*last good checkpoint \(step 1\) is kept"):
+        pretrain(cfg)
+    run = tmp_path / "boom"
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(t).all() for st in ckpt["optimizer"]["state"].values() for t in st.values()
+               if isinstance(t, torch.Tensor))
+    assert not (run / "eval-test.json").exists() and not list(run.glob(".*.tmp"))
+
+
+def test_nonfinite_pretraining_optimiser_state_is_never_saved(tmp_path, data_root, cache_dir, monkeypatch):
+    """Adam's second moment overflows at step 2 while the parameters are still finite: stop, keep step 1."""
+    from metalearn.transfer import pretrain
+
+    step, calls = torch.optim.Adam.step, []
+
+    def overflowing_state(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            state = self.state[self.param_groups[0]["params"][-1]]
+            state["exp_avg_sq"].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing_state)
+    cfg = load_config(PRETRAIN, [*PRE, f"data.root={data_root / 'omniglot'}", f"data.cache_dir={cache_dir}",
+                                 f"tracking.out_dir={tmp_path}", "tracking.name=boom"])
+    with pytest.raises(MetalearnError, match=r"non-finite optimiser state after the update of pre-training step 2"):
+        pretrain(cfg)
+    ckpt = load_checkpoint(tmp_path / "boom")
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(t).all() for st in ckpt["optimizer"]["state"].values() for t in st.values()
+               if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("optimizer, match, saved", [
+    ("adam", "the update of pre-training step 1 overflows", None),  # was a torch traceback
+    ("sgd", "non-finite pre-training loss at step 2; the last good checkpoint (step 1) is kept", 1),
+])
+def test_a_huge_pretraining_lr_is_one_line_and_saves_only_finite_checkpoints(tmp_path, data_root, cache_dir,
+                                                                            optimizer, match, saved):
+    proc = run_cli("pretrain", str(PRETRAIN), *PRE, "transfer.pretrain.lr=1e38",
+                   f"transfer.pretrain.optimizer={optimizer}", f"tracking.out_dir={tmp_path}", "tracking.name=r",
+                   env={"METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)})
+    assert_one_line_error(proc, match)
+    run = tmp_path / "r"
+    assert not (run / "eval-test.json").exists()
+    if saved is None:
+        assert not (run / "checkpoint.pt").exists()
+        return
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == saved and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(t).all() for st in ckpt["optimizer"]["state"].values() for t in st.values()
+               if isinstance(t, torch.Tensor))
+
+
+def test_resuming_a_finished_pretraining_run_prints_its_result_and_changes_nothing(tmp_path, data_root, cache_dir):
+    env = {"METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)}
+    proc = run_cli("pretrain", str(PRETRAIN), *PRE, f"tracking.out_dir={tmp_path}", "tracking.name=r", env=env)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "r"
+    first = proc.stdout.strip().splitlines()[-1]
+    assert first.startswith("test accuracy:"), proc.stdout
+    before = snapshot(run)
+    for target in (run, run / "config.yaml"):
+        proc = run_cli("pretrain", str(target), "--resume", cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "already finished (3 steps)" in proc.stderr, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == first
+        assert snapshot(run) == before
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert sum("test/accuracy" in r for r in rows) == 1
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]

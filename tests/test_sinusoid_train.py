@@ -59,10 +59,11 @@ def test_train_cli_learns_and_eval_cli_reproduces(tmp_path, capsys):
     scores = {}
     for steps in (1, 10):
         assert main(["eval", str(tmp_path / "trained"), "--shots", "5", "--inner-steps", str(steps), "--no-progress"]) == 0
-        saved = json.loads((tmp_path / "trained" / "eval-test-5s-100ep.json").read_text())["eval"]
+        name = f"eval-test-5s10q-{steps}step{'' if steps == 1 else 's'}-lr0.01-seed0-100ep.json"  # one file per setting
+        saved = json.loads((tmp_path / "trained" / name).read_text())["eval"]
         assert saved["shots"] == 5 and saved["inner_steps"] == steps and saved["metric"] == "mse"
         scores[steps] = saved["mean"]
-    assert "test: MSE" in capsys.readouterr().out
+    assert "test MSE:" in capsys.readouterr().out
     assert scores[10] != scores[1] and scores[1] != trained["mean"], scores
 
 
@@ -73,7 +74,7 @@ def test_eval_result_metric_field_and_old_json():
     r = EvalResult.from_dict(old)
     assert r.metric == "accuracy" and "90.00 ± 1.00%" in r.summary()
     mse = EvalResult.from_dict({**old, "ways": 1, "shots": 10, "mean": 0.51234, "ci95": 0.04, "metric": "mse"})
-    assert mse.summary() == "test: MSE 0.5123 ± 0.0400 (10-shot regression, 2 episodes, 3 inner steps)"
+    assert mse.summary() == "test MSE: 0.5123 ± 0.0400 (95% CI) over 2 10-shot sinusoid episodes, 3 inner steps"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -139,7 +140,7 @@ def test_list_shows_sinusoid_and_bench_runs_it(tmp_path, capsys, monkeypatch):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "regression: sinusoid (data.split = protocol: maml, reptile; model mlp)" in out
-    assert "maml_sinusoid.yaml  MAML sinusoid regression" in out and "reptile_sinusoid.yaml" in out
+    assert "  maml_sinusoid\n      MAML sinusoid regression" in out and "  reptile_sinusoid\n" in out
     assert main(["bench", str(PRESET), "threads=1", "--steps", "3", "--warmup", "1", "--out", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["meta_batch_size"] == 25 and result["tasks_per_s"] > 0

@@ -50,6 +50,29 @@ def test_cli_progress_bar_and_no_wandb_import_when_disabled(data_root, cache_dir
     assert not list(tmp_path.rglob("wandb"))
 
 
+def flushed_wandb_records(path: Path, timeout: float = 120.0) -> list:
+    """The records of an offline run's log once W&B has written all of it: after `wandb.teardown()` (which
+    waits for W&B's service process), poll until the log holds its run record and its exit record. Under
+    load the service can still be writing when `run.finish()` has returned (a log without a run record yet)."""
+    import time
+
+    import wandb
+
+    wandb.teardown()
+    deadline, kinds = time.monotonic() + timeout, []
+    while True:
+        try:
+            records = wandb_records(path)
+            kinds = [r.WhichOneof("record_type") for r in records]
+            if "run" in kinds and "exit" in kinds:
+                return records
+        except Exception:  # a record still being written: read again
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} holds no complete run after {timeout:.0f} s (record types {kinds})")
+        time.sleep(0.2)
+
+
 def wandb_records(path: Path) -> list:
     """Decode a W&B offline transaction log (run-<id>.wandb): a 7-byte header, then 32 KiB blocks of
     records with a (crc32, uint16 length, uint8 type) header, type 1 = full, 2/3/4 = first/middle/last."""
@@ -93,7 +116,7 @@ def test_wandb_offline_run_holds_config_metrics_eval_figure_and_checkpoint(data_
     wandb.teardown()  # wait until W&B's service process has written out the offline log
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
-    records = wandb_records(runs[0])
+    records = flushed_wandb_records(runs[0])
     kinds = [r.WhichOneof("record_type") for r in records]
     run_records = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run_records, f"no run record in {runs[0]} ({runs[0].stat().st_size} bytes): record types {kinds}"
@@ -138,11 +161,14 @@ def test_wandb_resume_continues_the_same_run(data_root, cache_dir, tmp_path, mon
     assert train(cfg)["interrupted"] == "SIGINT"
     monkeypatch.setattr(train_module, "build_algorithm", build)
     train(cfg, resume=True)
+    import wandb
+
+    wandb.teardown()  # wait for W&B's service process before looking for its files
     logs = sorted((tmp_path / "wd" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 2
     ids, steps = [], []
     for log in logs:
-        records = wandb_records(log)
+        records = flushed_wandb_records(log)  # only once W&B has written the whole run (flaky under load before)
         ids.append(next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run"))
         steps.append([json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
                       for i in r.history.item if list(i.nested_key) == ["_step"]])

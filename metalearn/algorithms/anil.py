@@ -108,4 +108,5 @@ class ANIL(MAML):
             z_s, z_q = self.embed(params, batch.support.x[i]), self.embed(params, batch.query.x[i])
             fast = self.adapt_head(params, z_s, batch.support.y[i], steps=steps, lr=lr, first_order=True)
             out.append(metric(self.head_fn(fast, z_q, 0), batch.query.y[i], self.loss))
+            self.episode_done()
         return torch.stack(out).cpu()

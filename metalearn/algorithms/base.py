@@ -61,6 +61,16 @@ def scored(predict_one, support_x: Tensor, query_x: Tensor, transductive: bool) 
 class MetaLearner:
     """Base class: loss, metric name, outer optimiser, schedule hook, extra learnables."""
 
+    has_inner_loop = True
+    """False for algorithms that adapt without inner steps (ProtoNet); results then print no steps."""
+    on_episode = None
+    """Set by evaluation.evaluate while a progress bar is shown: called after each episode is scored."""
+
+    def episode_done(self) -> None:
+        """Per-task evaluation loops call this after each episode (the evaluation bar moves per episode)."""
+        if self.on_episode is not None:
+            self.on_episode()
+
     def __init__(self, model: nn.Module, *, loss: str = "cross_entropy"):
         if loss not in LOSSES:
             raise MetalearnError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -375,4 +385,5 @@ class GradientMetaLearner(MetaLearner):
             pred = scored(lambda x: self.forward_fn(fast, x, max(steps - 1, 0)), batch.support.x[i],
                           batch.query.x[i], transductive)
             out.append(metric(pred, batch.query.y[i], self.loss))
+            self.episode_done()
         return torch.stack(out).cpu()

@@ -309,6 +309,7 @@ class FineTune(MetaLearner):
             pred = scored(lambda x: self.predict(fast, x), sup.x, batch.query.x[i], transductive)
             qs.append(metric(pred, batch.query.y[i], self.loss))
             ss.append(metric(self.predict(fast, sup.x), sup.y, self.loss))
+            self.episode_done()
         self.support_accuracies.append(torch.stack(ss).cpu())
         return torch.stack(qs).cpu()
 

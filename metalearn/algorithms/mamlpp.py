@@ -135,6 +135,7 @@ class MAMLPlusPlus(MAML):
                                       steps=steps, first_order=True, loss_fn=self.loss_fn, forward_fn=fwd).params
                 pred = fwd({n: p.detach() for n, p in fast.items()}, batch.query.x[i], steps - 1)
                 out.append(metric(pred, batch.query.y[i], self.loss))
+                self.episode_done()
             return torch.stack(out).cpu()
         finally:
             self.model.train(was)

@@ -43,6 +43,8 @@ def prototype_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways
 
 
 class ProtoNet(MetaLearner):
+    has_inner_loop = False
+
     def __init__(self, model: nn.Module, *, loss: str = "cross_entropy", **_ignored):
         if loss != "cross_entropy":
             raise MetalearnError("protonet classifies: it needs a classification data set (loss cross_entropy)")
@@ -82,4 +84,5 @@ class ProtoNet(MetaLearner):
             z_q = scored(lambda x: self.embed(params, x), batch.support.x[i], batch.query.x[i], transductive)
             logits = prototype_logits(z_s, batch.support.y[i], z_q, batch.ways)
             out.append(metric(logits, batch.query.y[i], self.loss))
+            self.episode_done()
         return torch.stack(out).cpu()

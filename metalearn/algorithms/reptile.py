@@ -108,6 +108,7 @@ class Reptile(MetaLearner):
             phi, _ = self.adapt_task(theta, batch.support.task(i), steps=steps, lr=lr, state=state)
             pred = scored(lambda x: forward(self.model, phi, x), batch.support.x[i], batch.query.x[i], transductive)
             out.append(metric(pred, batch.query.y[i], self.loss))
+            self.episode_done()
         return torch.stack(out).cpu()
 
     def state_dict(self) -> dict:

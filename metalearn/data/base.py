@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -83,9 +84,13 @@ class CachedImages:
         if self._images is None:
             path = self.cache_path
             images = read_cache(path, self.class_names)
-            if images is None:
+            if images is None:  # the first use: can take a minute (Omniglot: ~32k PNGs), so say what happens
+                print(f"decoding {self.name} (first use; cached afterwards) ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
                 images = self._build()
                 write_cache(path, self.class_names, images, stale=f"{self.name}-{self.image_size}px-*.pt")
+                print(f"decoded {self.name} in {time.perf_counter() - t0:.1f} s; cached in {path}", file=sys.stderr,
+                      flush=True)
             self._images = images
             if self.split_check is not None:
                 from .checks import warn_identical_images

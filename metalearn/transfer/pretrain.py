@@ -21,7 +21,6 @@ accuracy on the fixed test episodes, with support accuracy beside it).
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from datetime import datetime
 from typing import Any, Dict
@@ -33,13 +32,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_json, atomic_write
-from ..checkpoint import CHECKPOINT_NAME, git_info, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import CHECKPOINT_NAME, git_info, nonfinite_tensor, rng_state, save_checkpoint, set_rng_state
 from ..config import Config, to_dict
 from ..data import check_episode_fits, open_dataset
 from ..errors import MetalearnError
 from ..evaluation import evaluate, mean_ci95
 from ..models import build_model
-from ..tracking import JsonlTracker, Trackers, WandbTracker, plot_learning_curve, read_jsonl
+from ..tracking import (JsonlTracker, TensorboardTracker, Trackers, WandbTracker, curve_title, plot_learning_curve,
+                        read_jsonl)
 
 
 class ImageBatches:
@@ -129,8 +129,18 @@ def finetune_eval(cfg: Config, model: nn.Module, images: Tensor, split: str, epi
 
 def summary_line(ev: Dict[str, Any]) -> str:
     return (f"{ev['split']} accuracy: {100 * ev['mean']:.2f} ± {100 * ev['ci95']:.2f}% (95% CI) over {ev['episodes']} "
-            f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} fine-tuning steps "
+            f"{ev['ways']}-way {ev['shots']}-shot episodes, {ev['inner_steps']} fine-tuning step{'' if ev['inner_steps'] == 1 else 's'} "
             f"(support accuracy {100 * ev['support_mean']:.2f}%; {ev['adapted_parameters']} adapted parameters)")
+
+
+def pretrain_settings(cfg: Config) -> str:
+    """The key settings of a pre-training run, for the learning curve's title."""
+    p, ev = cfg.transfer.pretrain, cfg.eval
+    steps = cfg.inner.steps if ev.inner_steps is None else ev.inner_steps
+    lr = cfg.inner.lr if ev.inner_lr is None else ev.inner_lr
+    return (f"pre-training {p.steps} steps, batch {p.batch_size}, {p.optimizer} lr {p.lr:g}; fine-tuning "
+            f"{ev.ways or cfg.data.ways}-way {ev.shots or cfg.data.shots}-shot, {steps} step{'' if steps == 1 else 's'} "
+            f"(lr {lr:g}), {cfg.transfer.head} head, {cfg.transfer.blocks} blocks; seed {cfg.seed}")
 
 
 def check_pretrain_data(cfg: Config, pretraining: bool = True):
@@ -153,8 +163,12 @@ def check_pretrain_data(cfg: Config, pretraining: bool = True):
 def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> Dict[str, Any]:
     """Pre-train cfg.model on the train split's classes (transfer.pretrain.*), checkpointing as it goes; then
     (final_eval) fine-tune on the fixed eval.split episodes. Returns a summary like `train`'s, whose
-    "eval" also holds support_mean / support_ci95 / adapted_parameters."""
-    from ..train import _StopSignals, open_run_dir, seed_and_device
+    "eval" also holds support_mean / support_ci95 / adapted_parameters.
+
+    As in `train`: parameters and optimiser state are checked after every update and a non-finite one
+    stops the run before it is saved (the last good checkpoint stays); resuming a run that finished and
+    was evaluated returns its saved result ("finished": True) without evaluating or logging again."""
+    from ..train import _StopSignals, _finished_result, _nonfinite_after_update, open_run_dir, seed_and_device
 
     cfg = copy.deepcopy(cfg)
     p = cfg.transfer.pretrain
@@ -165,6 +179,9 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
     device, dtype = seed_and_device(cfg)
     ds, splits = check_pretrain_data(cfg)
     out, ckpt = open_run_dir(cfg, resume)
+    finished = _finished_result(out, ckpt, cfg, total=p.steps) if final_eval else None
+    if finished is not None:  # resuming a finished run: nothing to train, evaluate or log again
+        return finished
 
     images = ds.images.to(device)
     train_images = images[splits["train"].to(device)]  # (C, P, ch, H, W) uint8
@@ -188,13 +205,20 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
         batches.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         start, wandb_id = ckpt["step"], ckpt.get("tracking", {}).get("wandb_id")
+        bad = nonfinite_tensor(ckpt["model"])
+        if bad is not None:
+            raise MetalearnError(f"--resume: {out / CHECKPOINT_NAME} holds a non-finite parameter ({bad})")
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
-        atomic_json({"git": git, "argv": sys.argv, "torch": torch.__version__, "started": datetime.now().isoformat(),
-                     "kind": "pretrain"}, out / "run.json")
+        from ..train import run_record
+
+        atomic_json(run_record(git, kind="pretrain"), out / "run.json")
 
     trackers = [JsonlTracker(out / "metrics.jsonl", keep_until=start if resume else None)]
+    if cfg.tracking.tensorboard:
+        trackers.append(TensorboardTracker(out / "tensorboard", config=to_dict(cfg),
+                                           purge_step=start + 1 if resume and start else None))
     wandb_run = None
     if cfg.tracking.wandb.enabled:
         wandb_run = WandbTracker(cfg.tracking.wandb, run_dir=out, name=cfg.tracking.name, config=to_dict(cfg), run_id=wandb_id)
@@ -206,6 +230,12 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
                         optimizer=optimizer.state_dict(), algorithm={}, sampler=batches.state_dict(), rng=rng_state(),
                         tracking={"wandb_id": wandb_run.id if wandb_run else None}, kind="pretrain",
                         classes=C)
+
+    named = dict(model.named_parameters())
+
+    def kept() -> str:
+        return (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT_NAME}"
+                if saved_step is not None else "no checkpoint had been written yet")
 
     total = p.steps
     bar = tqdm(total=total, initial=start, desc="pre-train", disable=not cfg.tracking.progress, dynamic_ncols=True)
@@ -223,11 +253,20 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
                 out_logits = logits(model, x, cfg.transfer.head, cfg.transfer.cosine_scale)
                 loss = F.cross_entropy(out_logits, y)
                 if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None
-                            else "no checkpoint had been written yet")
-                    raise MetalearnError(f"non-finite pre-training loss at step {step}; {kept}. Lower transfer.pretrain.lr")
+                    raise MetalearnError(f"non-finite pre-training loss at step {step}; {kept()}. "
+                                         f"Lower transfer.pretrain.lr")
                 loss.backward()
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. "value cannot be converted to type float without overflow"
+                    if "overflow" not in str(e):
+                        raise
+                    raise MetalearnError(f"the update of pre-training step {step} overflows "
+                                         f"({' '.join(str(e).split())}); {kept()}. Lower transfer.pretrain.lr") from None
+                bad = _nonfinite_after_update(named, optimizer)
+                if bad is not None:  # never saved: the last good checkpoint stays
+                    raise MetalearnError(f"non-finite {bad} after the update of pre-training step {step}; stopped "
+                                         f"without saving it, {kept()}. Lower transfer.pretrain.lr")
                 bar.update(1)
                 window.append((loss.item(), (out_logits.argmax(-1) == y).double().mean().item()))
                 if step % cfg.tracking.log_every == 0 or step == total:
@@ -257,7 +296,6 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
             ok = True
             return {"run_dir": str(out), "interrupted": stop.received, "step": step,
                     "train_seconds": round(train_seconds, 2), "eval": None}
-        curve = plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png")
         summary: Dict[str, Any] = {"run_dir": str(out), "interrupted": None, "step": total,
                                    "train_seconds": round(train_seconds, 2), "eval": None}
         if final_eval:
@@ -269,8 +307,13 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
             tracker.summary(final)
             summary["eval"] = ev
             atomic_json(summary, out / f"eval-{cfg.eval.split}.json")
+            tracker.log_text(f"eval/{cfg.eval.split}", summary_line(ev), step=total)
+        # after the evaluation: the curve's title carries the run name, its settings and the final result
+        curve = plot_learning_curve(read_jsonl(out / "metrics.jsonl", tolerant=True), out / "learning_curve.png",
+                                    title=curve_title(cfg.tracking.name, pretrain_settings(cfg),
+                                                      summary_line(summary["eval"]) if summary["eval"] else ""))
+        tracker.log_image("learning_curve", curve, step=total)
         if wandb_run is not None:
-            wandb_run.log_image("learning_curve", curve, step=total)
             if cfg.tracking.wandb.log_checkpoint:
                 wandb_run.log_checkpoint(out / CHECKPOINT_NAME, name=f"checkpoint-{wandb_run.id}", metadata={"step": total})
         ok = True
