@@ -96,8 +96,6 @@ def load_ablation(path: str | Path, *, seeds: int = 3, out_dir: str | Path = "ru
     from .presets import resolve  # a path, or the name of a shipped ablation
 
     path = resolve(path, "ablations")
-    if seeds < 1:
-        raise MetalearnError(f"--seeds must be >= 1, got {seeds}")
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -121,14 +119,24 @@ def load_ablation(path: str | Path, *, seeds: int = 3, out_dir: str | Path = "ru
     file_overrides = spec.get("overrides") or []
     if not isinstance(file_overrides, list):
         raise MetalearnError(f"ablation file {path}: `overrides` must be a list of key=value strings")
-    name = path.stem
-    base_cfg = load_config(base, [*map(str, file_overrides), *overrides])
+    return build_ablation(path.stem, str(spec.get("description", "")), path, base,
+                          [*map(str, file_overrides), *overrides], vary, seeds=seeds, out_dir=out_dir,
+                          where=f"ablation file {path}: vary")
+
+
+def build_ablation(name: str, description: str, path: Path, base: "str | Path | None", overrides: Sequence[str],
+                   vary: Dict[str, List[Any]], *, seeds: int, out_dir: str | Path, where: str) -> Ablation:
+    """The grid: every combination of `vary`'s values applied to the base preset + overrides, with
+    `seeds` seeds each; every config validated, nothing run or written."""
+    if seeds < 1:
+        raise MetalearnError(f"--seeds must be >= 1, got {seeds}")
+    base_cfg = load_config(base, list(overrides))
     keys = list(vary)
     cells = []
     for i, combo in enumerate(itertools.product(*(vary[k] for k in keys))):
         values = dict(zip(keys, combo))
         cell = Cell(values, _cell_name(i, values))
-        cfg = _with_values(base_cfg, values, where=f"ablation file {path}: vary")
+        cfg = _with_values(base_cfg, values, where=where)
         for s in range(seeds):
             tags = sorted(set(cfg.tracking.wandb.tags) | {"ablate"})
             cell.configs.append(_with_values(cfg, {
@@ -137,7 +145,38 @@ def load_ablation(path: str | Path, *, seeds: int = 3, out_dir: str | Path = "ru
                 "tracking.wandb.group": cfg.tracking.wandb.group or name, "tracking.wandb.tags": tags,
             }, where=f"ablation {name}"))
         cells.append(cell)
-    return Ablation(name, str(spec.get("description", "")), path, keys, cells)
+    return Ablation(name, description, path, keys, cells)
+
+
+def split_multirun(overrides: Sequence[str]) -> "tuple[List[str], Dict[str, List[Any]]]":
+    """`key=a,b,c` overrides (a comma outside brackets and quotes) -> (the plain overrides, {key: [a, b, c]}),
+    each value parsed as YAML (0.1 -> float, true -> bool, [head.*] -> list), as in an ablation file's vary."""
+    plain, vary = [], {}
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        parts, depth, quote, cur = [], 0, "", ""
+        for ch in value:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch in "[{(":
+                depth += 1
+            elif ch in "]})":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+                continue
+            cur += ch
+        parts.append(cur)
+        if not sep or len(parts) == 1:
+            plain.append(ov)
+            continue
+        if any(not p.strip() for p in parts):
+            raise MetalearnError(f"override {ov!r}: an empty value in the comma-separated list")
+        vary[key.strip()] = [yaml.safe_load(p) for p in parts]
+    return plain, vary
 
 
 def run_ablation(ablation: Ablation, *, progress: bool = True) -> Dict[str, Any]:
@@ -299,6 +338,8 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
 
     keys, cells = report["keys"], report["cells"]
     k, unit = _scale(report)
+    if not keys:  # seeds only (a multirun without varied keys): one categorical point
+        keys, cells = ["run"], [{**c, "values": {"run": "all seeds"}} for c in cells]
     xkey = keys[0]
     xs = list(dict.fromkeys(_label(c["values"][xkey]) for c in cells))
     numeric = all(isinstance(c["values"][xkey], (int, float)) and not isinstance(c["values"][xkey], bool) for c in cells)

@@ -29,6 +29,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]  # `metalearn train key=value ...`: defaults only
     if config is None and not overrides:
         raise MetalearnError("train needs a preset YAML (see `metalearn list`), a run folder, or key=value overrides")
+    from .ablate import split_multirun
+
+    plain, vary = split_multirun(overrides)
+    if vary or args.seeds is not None:  # a multirun: the grid of comma-separated values x seeds, run as an ablation
+        if args.resume:
+            raise MetalearnError("--resume continues one run; re-run the same multirun command to continue a grid")
+        return _multirun(config, plain, vary, args, " ".join([config or "", *overrides]).strip())
     config, cfg = _load_run_config(config, overrides, args.resume)
     if distributed.launched_by_torchrun():  # torchrun: refuse what cannot be split before joining the job
         distributed.check_algorithm(cfg.outer.algorithm, distributed.Context(world_size=2))
@@ -56,6 +63,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ev = summary["eval"]
     print(f"meta-training took {summary['train_seconds']:.1f} s")
     print(final_line(ev))
+    return 0
+
+
+def _multirun(config: Optional[str], overrides: List[str], vary: dict, args: argparse.Namespace, command: str) -> int:
+    """`metalearn train PRESET inner.lr=0.1,0.4 inner.steps=1,5 --seeds 3`: every combination, every seed,
+    aggregated as `metalearn ablate` does (same folders, reuse rules, table and figure)."""
+    from .ablate import build_ablation, run_ablation
+    from .presets import resolve
+
+    path = resolve(config, "configs") if config else None
+    stem = path.stem if path else "defaults"
+    name = "-".join([stem, *(k.split(".")[-1] for k in vary)]) if vary else f"{stem}-seeds"
+    ablation = build_ablation(name, f"metalearn train {command}", path or Path("."), path, overrides,
+                              vary, seeds=args.seeds or 1, out_dir=args.out, where="multirun")
+    runs = sum(len(c.configs) for c in ablation.cells)
+    print(f"multirun {ablation.name}: {len(ablation.cells)} cells x {args.seeds or 1} seeds = {runs} runs -> "
+          f"{Path(args.out) / ablation.name}")
+    report = run_ablation(ablation, progress=True)
+    print((Path(report["out_dir"]) / "table.md").read_text())
+    print(f"wrote {report['out_dir']}/results.json, table.md, figure.png")
     return 0
 
 
@@ -464,7 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="config keys (KEY: TYPE = DEFAULT):\n" + config_reference())
     t.add_argument("config", nargs="?", help="YAML preset (e.g. experiments/configs/maml_omniglot_5w1s.yaml), "
                                              "or a run folder / its config.yaml when resuming")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the preset")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, applied after the preset; key=a,b,c runs every value (a multirun)")
+    t.add_argument("--seeds", type=int, default=None,
+                   help="multirun: seeds seed, seed+1, ... per combination of key=a,b values, aggregated with "
+                        "95%% Student-t intervals like `metalearn ablate`")
+    t.add_argument("--out", default="runs/ablations", help="multirun: output folder (default runs/ablations)")
     t.add_argument("--resume", action="store_true",
                    help="continue a run from its checkpoint.pt (bit-identical on CPU to an uninterrupted run): the "
                         "run folder given (or the folder of the config.yaml given), else tracking.out_dir/tracking.name; "

@@ -178,3 +178,26 @@ def test_one_seed_shows_the_episode_interval_and_categorical_axes_draw_no_lines(
     assert all(len(line.get_xdata()) <= 1 or line.get_linestyle() == "None" for line in ax.get_lines())
     assert ax.get_legend() is None and "outer.iterations=300" in ax.get_title()
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+def test_multirun_from_the_command_line(tmp_path, capsys):
+    """`metalearn train PRESET key=a,b --seeds 2` runs the grid as an ablation (sinusoid: no data needed);
+    `--seeds 2` alone runs one cell over seeds; a list value with commas inside brackets is not split."""
+    from metalearn.ablate import split_multirun
+
+    assert split_multirun(["inner.adapt=[head.*,features.0.*]", "inner.lr=0.1,0.4"]) == (
+        ["inner.adapt=[head.*,features.0.*]"], {"inner.lr": [0.1, 0.4]})
+    preset = str(QUICK.parent / "maml_sinusoid.yaml")
+    tiny = ["outer.iterations=2", "outer.meta_batch_size=2", "eval.episodes=3", "threads=1", "tracking.progress=false"]
+    out = tmp_path / "grid"
+    assert main(["train", preset, *tiny, "inner.lr=0.01,0.02", "--seeds", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "maml_sinusoid-lr" / "results.json").read_text())
+    assert report["keys"] == ["inner.lr"] and [c["values"] for c in report["cells"]] == [{"inner.lr": 0.01},
+                                                                                       {"inner.lr": 0.02}]
+    assert all(c["seeds"] == 2 and c["interval"] == "seeds (Student t, n=2)" for c in report["cells"])
+    assert "multirun maml_sinusoid-lr: 2 cells x 2 seeds = 4 runs" in capsys.readouterr().out
+    assert main(["train", preset, *tiny, "--seeds", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "maml_sinusoid-seeds" / "results.json").read_text())
+    assert report["keys"] == [] and report["cells"][0]["seeds"] == 2
+    assert (out / "maml_sinusoid-seeds" / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["train", preset, "inner.lr=0.01,", "--out", str(out)]) == 2
