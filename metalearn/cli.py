@@ -243,20 +243,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_EVAL_KEYS = ("eval.", "device", "threads")
-"""What `metalearn eval KEY=VALUE` may change: the evaluation protocol and where/how it runs, never the
-model or how it was trained (those are the checkpoint's)."""
+_EVAL_KEYS = ("eval.", "device", "threads", "outer.execution", "outer.task_chunk")
+"""What `metalearn eval KEY=VALUE` may change: the evaluation protocol and where/how it runs (device,
+threads, execution path), never the model or how it was trained (those are the checkpoint's)."""
 
 
 def _eval_overrides(cfg, overrides: List[str]):
-    """cfg with `metalearn eval`'s key=value overrides applied (eval.*, device, threads only)."""
+    """cfg with `metalearn eval`'s key=value overrides applied (_EVAL_KEYS only)."""
     from .config import apply_overrides
 
     for ov in overrides:
         key = ov.split("=", 1)[0].strip()
-        if not (key.startswith("eval.") or key in ("device", "threads")):
+        if not (key.startswith("eval.") or key in _EVAL_KEYS):
             raise MetalearnError(f"eval: {key} cannot be changed when evaluating a checkpoint; only eval.* keys, "
-                                 f"device and threads (the rest is the checkpoint's)")
+                                 f"device, threads, outer.execution and outer.task_chunk (the rest is the checkpoint's)")
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 

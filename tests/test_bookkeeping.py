@@ -107,6 +107,10 @@ def test_eval_takes_key_value_overrides_and_threads(sin_run, capsys):
     # options win over key=value overrides; overrides may also follow the options
     assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "eval.episodes=3", "threads=1"]) == 0
     assert json.loads((sin_run / "eval-test-10s10q-10steps-lr0.01-seed0-2ep.json").read_text())["eval"]["threads"] == 1
+    # the execution path is a runtime choice too (the sinusoid MLP runs batched by default), recorded in the result
+    out = sin_run / "loop.json"
+    assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "outer.execution=loop", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["eval"]["execution"] == "loop"
 
 
 @pytest.mark.parametrize("override, match", [("model.hidden=4", "model.hidden cannot be changed"),
