@@ -69,7 +69,9 @@ def test_eval_cli_reproduces_the_runs_test_numbers(short_run, data_root, cache_d
     proc = run_cli("eval", str(ckpt), "--episodes", "200", "--no-progress",
                    env={"METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)})
     assert proc.returncode == 0, proc.stderr
-    saved = json.loads((ckpt.parent / "eval-test-5w1s-200ep.json").read_text())["eval"]
+    out = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("saved ")][0]
+    assert out == str(ckpt.parent / "eval-test-5w1s15q-3steps-lr0.4-transductive-seed0-200ep.json")
+    saved = json.loads(__import__("pathlib").Path(out).read_text())["eval"]
     # same fixed episodes, same weights, same device -> the same per-episode accuracies
     assert saved["accuracies"] == summary["eval"]["accuracies"]
     assert f"{100 * saved['mean']:.2f} ±" in proc.stdout
