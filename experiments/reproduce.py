@@ -143,6 +143,15 @@ def reproduce(preset: str, args: argparse.Namespace) -> int:
     return write_result(preset, name, run_dir, state, args)
 
 
+def _training_git(run_dir: Path) -> dict:
+    """The commit the training ran at (its run.json, written when it started; the first piece's), falling back
+    to the current one: a long run outlives later commits."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())["git"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return git_info(ROOT)
+
+
 def _algorithm(preset: Path) -> str:
     from omegaconf import OmegaConf
 
@@ -187,7 +196,7 @@ def write_result(preset: str, name: str, run_dir: Path, state: dict, args: argpa
     target = paper["target"]
     result = {
         "preset": preset, "seed": args.seed, "overrides": state["overrides"], "command": " ".join(sys.argv),
-        "git": git_info(ROOT), "device": args.device,
+        "git": _training_git(run_dir), "git_at_write": git_info(ROOT), "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device in ("auto", "cuda") or args.device.startswith("cuda:")
         and torch.cuda.is_available()
         else platform.processor() or platform.machine(),
