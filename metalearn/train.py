@@ -310,6 +310,23 @@ def _nonfinite_after_update(params: Dict[str, torch.Tensor], optimizer: torch.op
     return ("parameter " + bad) if (bad := nonfinite_tensor(params)) else "optimiser state"
 
 
+def guarded_step(optimizer: torch.optim.Optimizer, params: Dict[str, torch.Tensor], *, where: str, hint: str,
+                 kept: Any) -> None:
+    """optimizer.step(), refusing a non-finite outcome (train and pre-training): an overflow inside the step
+    (e.g. Adam's "value cannot be converted to type float without overflow") or a NaN/inf parameter or
+    optimiser state afterwards stops with one line naming `where`; nothing of it is ever saved.
+    kept() says which checkpoint survives."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise MetalearnError(f"the {where} overflows ({' '.join(str(e).split())}); {kept()}. {hint}") from None
+    bad = _nonfinite_after_update(params, optimizer)
+    if bad is not None:  # never saved: the last good checkpoint stays
+        raise MetalearnError(f"non-finite {bad} after the {where}; stopped without saving it, {kept()}. {hint}")
+
+
 class _SignalStop(BaseException):
     """SIGINT/SIGTERM during the final evaluation (see `_RaiseOnSignals`)."""
 
@@ -495,19 +512,9 @@ def train(cfg: Config, *, resume: bool = False) -> Dict[str, Any]:
                             if saved_step is not None else "no checkpoint had been written yet")
                     raise MetalearnError(f"non-finite {bad} at step {step}; stopped without applying it, {kept}. "
                                          f"Lower inner.lr or outer.lr")
-                try:
-                    optimizer.step()
-                except RuntimeError as e:  # e.g. "value cannot be converted to type float without overflow"
-                    if "overflow" not in str(e):
-                        raise
-                    raise MetalearnError(f"the outer update of step {step} overflows ({' '.join(str(e).split())}); "
-                                         f"nothing was saved at this step. Lower outer.lr") from None
-                bad = _nonfinite_after_update(checked, optimizer)
-                if bad is not None:  # never saved: the last good checkpoint stays
-                    kept = (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT_NAME}"
-                            if saved_step is not None else "no checkpoint had been written yet")
-                    raise MetalearnError(f"non-finite {bad} after the outer update of step {step}; stopped without "
-                                         f"saving it, {kept}. Lower outer.lr")
+                guarded_step(optimizer, checked, where=f"outer update of step {step}", hint="Lower outer.lr",
+                             kept=lambda: (f"the last good checkpoint (step {saved_step}) is kept in {out / CHECKPOINT_NAME}"
+                                           if saved_step is not None else "no checkpoint had been written yet"))
                 bar.update(1)
                 window.append(metrics)
                 if step % cfg.tracking.log_every == 0 or step == total:

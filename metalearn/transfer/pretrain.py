@@ -168,7 +168,7 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
     As in `train`: parameters and optimiser state are checked after every update and a non-finite one
     stops the run before it is saved (the last good checkpoint stays); resuming a run that finished and
     was evaluated returns its saved result ("finished": True) without evaluating or logging again."""
-    from ..train import _StopSignals, _finished_result, _nonfinite_after_update, open_run_dir, seed_and_device
+    from ..train import _StopSignals, _finished_result, guarded_step, open_run_dir, seed_and_device
 
     cfg = copy.deepcopy(cfg)
     p = cfg.transfer.pretrain
@@ -256,17 +256,8 @@ def pretrain(cfg: Config, *, resume: bool = False, final_eval: bool = True) -> D
                     raise MetalearnError(f"non-finite pre-training loss at step {step}; {kept()}. "
                                          f"Lower transfer.pretrain.lr")
                 loss.backward()
-                try:
-                    optimizer.step()
-                except RuntimeError as e:  # e.g. "value cannot be converted to type float without overflow"
-                    if "overflow" not in str(e):
-                        raise
-                    raise MetalearnError(f"the update of pre-training step {step} overflows "
-                                         f"({' '.join(str(e).split())}); {kept()}. Lower transfer.pretrain.lr") from None
-                bad = _nonfinite_after_update(named, optimizer)
-                if bad is not None:  # never saved: the last good checkpoint stays
-                    raise MetalearnError(f"non-finite {bad} after the update of pre-training step {step}; stopped "
-                                         f"without saving it, {kept()}. Lower transfer.pretrain.lr")
+                guarded_step(optimizer, named, where=f"update of pre-training step {step}", kept=kept,
+                             hint="Lower transfer.pretrain.lr")
                 bar.update(1)
                 window.append((loss.item(), (out_logits.argmax(-1) == y).double().mean().item()))
                 if step % cfg.tracking.log_every == 0 or step == total:
