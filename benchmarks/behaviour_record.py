@@ -205,11 +205,13 @@ def git(*args: str) -> str:
         return "unknown"
 
 
-def environment() -> Dict[str, Any]:
-    """Where the numbers come from; `uncommitted` = tracked files changed since `commit` (git status)."""
+def environment(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Where the numbers come from; `uncommitted` = tracked files changed since `commit` (git status);
+    `command` = this script with the arguments main() was given (sys.argv's when run as a script)."""
     return {"commit": git("rev-parse", "HEAD"),
             "uncommitted": git("status", "--porcelain", "--untracked-files=no").splitlines(),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "command": shlex.join([Path(sys.executable).name, "benchmarks/behaviour_record.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
             "torch": torch.__version__, "threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(), "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -333,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise Failure(f"--out: folder {out.parent} does not exist")
             t0 = time.perf_counter()
             runs = run_all(planned_runs(args.steps, args.episodes, only), strict=True)
-            doc = {**environment(), "what": "final parameters and per-episode test scores of short CPU runs "
+            doc = {**environment(argv), "what": "final parameters and per-episode test scores of short CPU runs "
                    "(benchmarks/behaviour_record.py)", "steps": args.steps, "episodes": args.episodes,
                    "seconds": round(time.perf_counter() - t0, 1), "runs": runs}
             for note in auto_notes(runs):
