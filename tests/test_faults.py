@@ -415,7 +415,8 @@ def test_sigterm_during_the_final_evaluation_ends_with_a_message_and_143(tmp_pat
 
 def test_a_sigterm_stopped_wandb_segment_records_exit_code_143(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from test_tracking import wandb_records
+    import wandb
+    from test_tracking import flushed_wandb_records
 
     for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path / "wd", "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(k, str(v))
@@ -435,8 +436,9 @@ def test_a_sigterm_stopped_wandb_segment_records_exit_code_143(tmp_path, monkeyp
     monkeypatch.setattr(train_module, "build_algorithm", sigterm_at_1)
     summary = train_module.train(_sin_cfg(tmp_path, "wb", "tracking.wandb.enabled=true", "outer.iterations=4"))
     assert summary["interrupted"] == "SIGTERM"
+    wandb.teardown()  # wait for W&B's service process before looking for its files (flaky under load before)
     (log,) = (tmp_path / "wd" / "wandb").glob("offline-run-*/run-*.wandb")
-    exits = [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+    exits = [r.exit.exit_code for r in flushed_wandb_records(log) if r.WhichOneof("record_type") == "exit"]
     assert exits == [143]
 
 
