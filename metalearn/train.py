@@ -92,43 +92,10 @@ def run_record(git: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
 
 def build_algorithm(cfg: Config, model: torch.nn.Module):
     """The algorithm named by outer.algorithm (see metalearn/algorithms/), on `model`."""
-    from .algorithms import ALGORITHMS
+    from .algorithms import registry
 
-    name = cfg.outer.algorithm
     loss = "mse" if cfg.data.dataset == "sinusoid" else "cross_entropy"
-    if cfg.inner.checkpoint and name not in ("maml", "fomaml", "boil", "metasgd"):
-        raise MetalearnError(f"inner.checkpoint: not available for {name} (maml, fomaml, boil, metasgd only)")
-    if name == "protonet":
-        algorithm = ALGORITHMS[name](model, loss=loss)
-        algorithm.lr_halve_every = cfg.outer.lr_halve_every
-        return algorithm
-    if name == "finetune":  # transfer-learning baseline (metalearn/algorithms/finetune.py)
-        return ALGORITHMS[name].from_config(cfg, model)
-    common = dict(inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, loss=loss)
-    adapt_default = {"anil": ["head.*"], "boil": ["features.*"]}.get(name)
-    adapt = adapt_default if (adapt_default and list(cfg.inner.adapt) == ["*"]) else list(cfg.inner.adapt)
-    if name == "reptile":
-        return ALGORITHMS[name](model, adapt=adapt, final_lr=cfg.outer.final_lr or 0.0, **common)
-    first_order = cfg.inner.first_order or name == "fomaml"
-    if name == "mamlpp":
-        algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order,
-                                     msl_iterations=cfg.outer.msl_iterations,
-                                     first_order_until=cfg.outer.first_order_until,
-                                     final_lr=cfg.outer.final_lr or 0.0, **common)
-    else:
-        algorithm = ALGORITHMS[name](model, adapt=adapt, first_order=first_order, **common)
-        algorithm.lr_halve_every = cfg.outer.lr_halve_every
-    if hasattr(algorithm, "set_execution"):  # per-task loop or batched (metalearn/inner/batched.py)
-        algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk, checkpoint=cfg.inner.checkpoint)
-    if cfg.inner.lora_rank:  # maml / fomaml: the inner loop adapts LoRA deltas (metalearn/inner/lora.py)
-        algorithm.use_lora(cfg.inner.lora_rank, cfg.inner.lora_alpha)
-        from .inner.lora import adapted_size
-
-        full, low = adapted_size(algorithm.params(), algorithm.adapt), adapted_size(
-            algorithm.params(), algorithm.lora_full, algorithm.lora)
-        print(f"LoRA rank {cfg.inner.lora_rank}: the inner loop adapts {low['parameters']} entries per task "
-              f"({low['bytes']} bytes) instead of {full['parameters']}", file=sys.stderr)
-    return algorithm
+    return registry.build(cfg, model, loss=loss)
 
 
 def check_data(cfg: Config) -> "tuple[Any, Dict[str, torch.Tensor]]":

@@ -9,8 +9,7 @@ from .metasgd import MetaSGD
 from .protonet import ProtoNet
 from .reptile import Reptile
 
-ALGORITHMS = {"maml": MAML, "fomaml": MAML, "anil": ANIL, "boil": BOIL, "metasgd": MetaSGD,
-              "reptile": Reptile, "protonet": ProtoNet, "mamlpp": MAMLPlusPlus,
-              "finetune": FineTune}
+from .maml import FOMAML
+from .registry import ALGORITHMS, Capabilities, capabilities, register
 
-__all__ = ["ALGORITHMS", "ANIL", "BOIL", "FineTune", "GradientMetaLearner", "MAML", "MAMLPlusPlus", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]
+__all__ = ["ALGORITHMS", "ANIL", "BOIL", "Capabilities", "FOMAML", "FineTune", "capabilities", "register", "GradientMetaLearner", "MAML", "MAMLPlusPlus", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]

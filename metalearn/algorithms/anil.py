@@ -34,13 +34,18 @@ from ..inner.rules import LRSpec
 from ..types import Examples, Params, TaskBatch
 from .base import metric
 from .maml import MAML
+from .registry import Capabilities, register
 
 
 def _sub(params: Params, prefix: str) -> Params:
     return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
 
 
+@register("anil")
 class ANIL(MAML):
+    capabilities = Capabilities(batchable=True)
+    default_adapt = ("head.*",)
+
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("head.*",), loss: str = "cross_entropy", cached: bool = True):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,

@@ -18,6 +18,7 @@ BatchNorm policy at scoring time (`transductive`):
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -80,6 +81,35 @@ class MetaLearner:
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())
+
+    default_adapt: Sequence[str] = ("*",)
+    """The inner mask when inner.adapt is left at its default."""
+
+    @classmethod
+    def configured_adapt(cls, cfg) -> List[str]:
+        """inner.adapt, or this algorithm's default mask when the config leaves it at the default."""
+        adapt = cfg.inner.adapt
+        if adapt is None or (list(adapt) == ["*"] and tuple(cls.default_adapt) != ("*",)):
+            return list(cls.default_adapt)
+        return list(adapt)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Settings this algorithm's declared capabilities rule out (one-line errors, before any work)."""
+        from .registry import supporting
+
+        name = cfg.outer.algorithm
+        if cfg.inner.checkpoint and not cls.capabilities.inner_checkpoint:
+            raise MetalearnError(f"inner.checkpoint: not available for {name} "
+                                 f"({', '.join(supporting('inner_checkpoint'))} only)")
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, loss: str = "cross_entropy") -> "MetaLearner":
+        """The algorithm configured from a Config (metalearn/config.py) on `model`."""
+        cls.check_config(cfg)
+        algorithm = cls(model, loss=loss)
+        algorithm.lr_halve_every = cfg.outer.lr_halve_every
+        return algorithm
 
     def meta_parameters(self) -> List[nn.Parameter]:
         """Learnables besides the model's parameters (trained by the outer loop)."""
@@ -146,6 +176,29 @@ class GradientMetaLearner(MetaLearner):
         super().__init__(model, loss=loss)
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.adapt = select([n for n, _ in model.named_parameters()], adapt, what="inner.adapt")
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, loss: str = "cross_entropy") -> "GradientMetaLearner":
+        cls.check_config(cfg)
+        algorithm = cls(model, **cls.config_kwargs(cfg), loss=loss)
+        if not cls.capabilities.own_lr_schedule:
+            algorithm.lr_halve_every = cfg.outer.lr_halve_every
+        algorithm.set_execution(cfg.outer.execution, cfg.outer.task_chunk, checkpoint=cfg.inner.checkpoint)
+        if cfg.inner.lora_rank:  # the inner loop adapts LoRA deltas (metalearn/inner/lora.py)
+            algorithm.use_lora(cfg.inner.lora_rank, cfg.inner.lora_alpha)
+            from ..inner.lora import adapted_size
+
+            full = adapted_size(algorithm.params(), algorithm.adapt)
+            low = adapted_size(algorithm.params(), algorithm.lora_full, algorithm.lora)
+            print(f"LoRA rank {cfg.inner.lora_rank}: the inner loop adapts {low['parameters']} entries per task "
+                  f"({low['bytes']} bytes) instead of {full['parameters']}", file=sys.stderr)
+        return algorithm
+
+    @classmethod
+    def config_kwargs(cls, cfg) -> dict:
+        """Constructor arguments read from the config (subclasses add their own keys)."""
+        return dict(inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, first_order=cfg.inner.first_order,
+                    adapt=cls.configured_adapt(cfg))
 
     # --- hooks subclasses override --------------------------------------------------------
     def lr_spec(self, lr: Optional[float] = None) -> LRSpec:

@@ -22,9 +22,14 @@ from torch import nn
 
 from ..errors import MetalearnError
 from .maml import MAML
+from .registry import Capabilities, register
 
 
+@register("boil")
 class BOIL(MAML):
+    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True)
+    default_adapt = ("features.*",)
+
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("features.*",), loss: str = "cross_entropy"):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,

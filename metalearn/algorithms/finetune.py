@@ -49,6 +49,7 @@ from ..inner.lora import LoRA, adapted_size, lora_targets
 from ..inner.rules import SGD, Adam
 from ..types import Examples, Params, TaskBatch
 from .base import MetaLearner, metric, scored
+from .registry import Capabilities, register
 
 
 def _sub(params: Params, prefix: str) -> Params:
@@ -77,7 +78,10 @@ class WeightDecay:
         return self.rule.step(fast, {n: g + self.wd * fast[n] for n, g in grads.items()}, state, step)
 
 
+@register("finetune")
 class FineTune(MetaLearner):
+    capabilities = Capabilities(meta_trained=False, shardable=False, test_ways_may_differ=True, lora=True,
+                                own_lr_schedule=True)
     """Transfer-learning baseline evaluated like a meta-learner (`evaluate_batch`)."""
 
     learns_inner_lr = False
@@ -314,7 +318,7 @@ class FineTune(MetaLearner):
         return torch.stack(qs).cpu()
 
     @classmethod
-    def from_config(cls, cfg, model: nn.Module) -> "FineTune":
+    def from_config(cls, cfg, model: nn.Module, loss: str = "cross_entropy") -> "FineTune":
         t = cfg.transfer
         return cls(model, inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, blocks=t.blocks, head=t.head,
                    cosine_scale=t.cosine_scale, head_init=t.head_init, head_seed=t.head_seed, optimizer=t.optimizer,

@@ -28,12 +28,25 @@ from typing import Sequence
 from torch import nn
 
 from .base import GradientMetaLearner
+from .registry import Capabilities, register
 
 
+@register("maml")
 class MAML(GradientMetaLearner):
     """Second-order MAML (first_order=False) or FOMAML (first_order=True) over a module's parameters."""
+
+    capabilities = Capabilities(batchable=True, hybrid=True, lora=True, inner_checkpoint=True)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
                          adapt=adapt, loss=loss)
+
+
+@register("fomaml")
+class FOMAML(MAML):
+    """First-order MAML: `first_order` is always on (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = True,
+                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, adapt=adapt, loss=loss)

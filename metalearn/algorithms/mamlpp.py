@@ -37,6 +37,7 @@ from ..inner.rules import LRSpec
 from ..types import Params, TaskBatch
 from .base import metric
 from .maml import MAML
+from .registry import Capabilities, register
 
 
 def msl_weights(steps: int, step: int, msl_iterations: int) -> Optional[List[float]]:
@@ -51,7 +52,9 @@ def msl_weights(steps: int, step: int, msl_iterations: int) -> Optional[List[flo
     return w
 
 
+@register("mamlpp")
 class MAMLPlusPlus(MAML):
+    capabilities = Capabilities(own_lr_schedule=True, learns_inner_lr=True)
     learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
@@ -66,6 +69,11 @@ class MAMLPlusPlus(MAML):
         self.msl_iterations, self.first_order_until, self.final_lr = msl_iterations, first_order_until, final_lr
         self.per_step = bool(getattr(model, "per_step", False))
         self.step, self.initial_lr = 1, None
+
+    @classmethod
+    def config_kwargs(cls, cfg) -> dict:
+        return dict(super().config_kwargs(cfg), msl_iterations=cfg.outer.msl_iterations,
+                    first_order_until=cfg.outer.first_order_until, final_lr=cfg.outer.final_lr or 0.0)
 
     # --- schedules ------------------------------------------------------------------------------
     def outer_optimizer(self, params, lr: float) -> torch.optim.Optimizer:

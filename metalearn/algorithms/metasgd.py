@@ -29,9 +29,12 @@ from ..errors import MetalearnError
 from ..inner import PerElementLR
 from ..inner.rules import LRSpec
 from .maml import MAML
+from .registry import Capabilities, register
 
 
+@register("metasgd")
 class MetaSGD(MAML):
+    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, learns_inner_lr=True)
     learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,

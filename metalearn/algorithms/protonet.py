@@ -31,6 +31,7 @@ from ..errors import MetalearnError
 from ..inner.layout import channels_last
 from ..types import Params, TaskBatch
 from .base import MetaLearner, metric, scored
+from .registry import Capabilities, register
 
 
 def prototype_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways: int) -> Tensor:
@@ -42,7 +43,9 @@ def prototype_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways
     return -((z_query[:, None, :] - protos[None, :, :]) ** 2).sum(-1)
 
 
+@register("protonet")
 class ProtoNet(MetaLearner):
+    capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True)
     has_inner_loop = False
 
     def __init__(self, model: nn.Module, *, loss: str = "cross_entropy", **_ignored):

@@ -39,9 +39,12 @@ from torch import Tensor, nn
 from ..inner import Adam, AdamState, forward, run_inner_loop, select
 from ..types import Params, TaskBatch
 from .base import MetaLearner, metric, scored
+from .registry import Capabilities, register
 
 
+@register("reptile")
 class Reptile(MetaLearner):
+    capabilities = Capabilities(shardable=False, own_lr_schedule=True)
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, adapt: Sequence[str] = ("*",),
                  final_lr: float = 0.0, betas: tuple[float, float] = (0.0, 0.999), loss: str = "cross_entropy"):
         super().__init__(model, loss=loss)
@@ -49,6 +52,12 @@ class Reptile(MetaLearner):
         self.adapt = select([n for n, _ in model.named_parameters()], adapt, what="inner.adapt")
         self.adam_state: Optional[AdamState] = None
         self.initial_lr: Optional[float] = None
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, loss: str = "cross_entropy") -> "Reptile":
+        cls.check_config(cfg)
+        return cls(model, inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, adapt=cls.configured_adapt(cfg),
+                   final_lr=cfg.outer.final_lr or 0.0, loss=loss)
 
     # --- outer loop ---------------------------------------------------------------------------
     def outer_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
