@@ -1,5 +1,5 @@
 # make demo   meta-train MAML on Omniglot 5-way 1-shot (a few minutes on 2 CPU cores), print test accuracy ± 95% CI
-# make test   create .venv, install metalearn with its extras plus learn2learn and higher, run pytest
+# make test   create .venv, install metalearn with its extras plus learn2learn and higher, run ruff, then pytest
 PYTHON ?= python3.11
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
@@ -31,6 +31,7 @@ demo: install
 	$(VPY) -m metalearn train experiments/configs/omniglot_5w1s_quick.yaml
 
 test: install-dev
+	$(VPY) -m ruff check .
 	METALEARN_REQUIRE_BASELINES=1 $(VPY) -m pytest
 
 clean:

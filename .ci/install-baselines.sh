@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
 # Install the baseline meta-learning libraries learn2learn and higher into an
-# existing virtual environment, without ever touching its torch.
+# existing virtual environment, without ever touching its torch or numpy.
+# The tests use only learn2learn's MAML/MetaSGD and higher's innerloop_ctx,
+# the benchmarks also learn2learn's Cython data pipeline; nothing else.
 #
 #   usage: .ci/install-baselines.sh PATH/TO/venv/bin/python [--force]
 #          (BASELINES_FORCE=1 is the same as --force)
 #
-# Versions: learn2learn 0.2.0, higher 0.2.1 (latest), torchvision 0.29.1,
-# qpth 0.0.18; torch pinned to 2.14.1 (must be the one already in the venv);
-# the venv's numpy is kept as it is. Other dependencies (gym, gsutil, scipy,
-# cvxpy, ...) come at whatever version pip picks.
+# Versions: learn2learn 0.2.0, higher 0.2.1 (latest), torchvision 0.29.1;
+# torch pinned to 2.14.1 (must be the one already in the venv); the venv's
+# numpy is kept as it is. The dependencies `import learn2learn` needs (gym,
+# scipy, requests, tqdm) come at whatever version pip picks.
+#
+# Not installed, although learn2learn 0.2.0's setup.py lists them:
+#   * qpth (and with it cvxpy and its solvers): used only by
+#     learn2learn.nn.MetaOptNet's QP head, which no test or benchmark uses.
+#     learn2learn/nn/metaoptnet.py imports it as
+#         try: from qpth.qp import QPFunction
+#         except ImportError: QPFunction = _ImportRaiser('qpth', 'pip install qpth')
+#     so `import learn2learn` works without it (checked: with qpth, cvxpy and
+#     gsutil made unimportable, learn2learn imports, its MAML adapts and its
+#     data pipeline samples tasks). qpth 0.0.18 also declares numpy<2, which
+#     would downgrade the venv's numpy.
+#   * gsutil (a large tree of Google Cloud packages): learn2learn never imports
+#     it; it only runs the `gsutil` command to download QuickDraw.
+# Hence learn2learn is installed with --no-deps, and `pip check` reports
+# "learn2learn 0.2.0 requires gsutil/qpth, which is not installed": expected.
+# (A venv set up by an older version of this script still has qpth and cvxpy;
+# they are harmless and left alone.)
 #
 # Behaviour
 #   * Warm path (~0.1 s): the installed versions are read from package metadata
 #     (no import: `import learn2learn` alone takes 5-7 s because it imports
-#     torch, torchvision, torch._dynamo, cvxpy, ...). If they match and this
+#     torch, torchvision, torch._dynamo, gym, ...). If they match and this
 #     exact state (python prefix, versions, install times) already passed the
 #     full check below, which is recorded in a stamp under .cache/baselines/,
 #     print one line and exit 0.
 #     If the versions match but there is no stamp, run the full check
 #     (`import learn2learn, higher` + smoke test, ~10 s), stamp, exit 0.
 #     --force skips both and reinstalls.
-#   * Cold path (~2 min with an empty pip cache):
+#   * Cold path (40 s on 2 busy cores when the dependencies are already
+#     there, mostly compiling learn2learn; longer with an empty pip cache):
 #       1. make sure cython, numpy, setuptools, wheel are in the venv
 #          (learn2learn is built with --no-build-isolation, so they must be);
 #       2. download the learn2learn 0.2.0 sdist (the only distribution it has)
@@ -31,17 +51,17 @@
 #          `longintrepr.h`, which Python 3.11 moved, so they do not compile;
 #          setup.py compiles the .c (not the .pyx) files when pip builds it,
 #          hence we overwrite them with `cython -3 *.pyx`;
-#       4. pip install higher, torchvision and the dependencies, then qpth and
-#          learn2learn with --no-deps (see the qpth/numpy note at step 4);
+#       4. pip install higher, torchvision and learn2learn's import-time
+#          dependencies, then learn2learn itself with --no-deps (see above);
 #          torch and numpy are pinned by a constraints file (torch is also
 #          named on the command line) so pip can never up- or downgrade them;
-#       5. full check: `import learn2learn, higher, qpth, torchvision` with the
+#       5. full check: `import learn2learn, higher, torchvision` with the
 #          expected versions (torch must still be 2.14.1), then a smoke test:
 #          a second-order meta-gradient through learn2learn.algorithms.MAML
 #          and through higher.innerloop_ctx for a tiny Linear model, 2 inner
-#          steps (the two must agree, and differ from the first-order one), a
-#          task sampled through learn2learn's Cython-built data pipeline, and a
-#          qpth QP solve under the venv's numpy. Then write the stamp.
+#          steps (the two must agree, and differ from the first-order one), and
+#          a task sampled through learn2learn's Cython-built data pipeline.
+#          Then write the stamp.
 #
 # Compatibility with torch 2.14.1: no source patch is needed. learn2learn 0.2.0
 # and higher 0.2.1 use no removed private torch API (no torch._six etc.); MAML
@@ -72,12 +92,11 @@ L2L_VERSION=0.2.0
 HIGHER_VERSION=0.2.1
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-QPTH_VERSION=0.0.18
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD_DIR=$REPO_ROOT/.cache/baselines
 STAMP_DIR=$BUILD_DIR/verified
-export L2L_VERSION HIGHER_VERSION TORCH_VERSION TORCHVISION_VERSION QPTH_VERSION
+export L2L_VERSION HIGHER_VERSION TORCH_VERSION TORCHVISION_VERSION
 
 # Cheap state of the venv from package metadata, without importing anything:
 # prints one line (python prefix, versions, install times of the two baseline
@@ -91,7 +110,6 @@ want = {
     "higher": os.environ["HIGHER_VERSION"],
     "torch": os.environ["TORCH_VERSION"],
     "torchvision": os.environ["TORCHVISION_VERSION"],
-    "qpth": os.environ["QPTH_VERSION"],
 }
 state = [sys.prefix]
 try:
@@ -115,7 +133,7 @@ full_check() {
 import contextlib, io, os, sys, warnings
 warnings.simplefilter("ignore")
 with contextlib.redirect_stderr(io.StringIO()):  # gym's "unmaintained" notice
-    import learn2learn as l2l, higher, qpth, torch, torchvision
+    import learn2learn as l2l, higher, torch, torchvision
 from importlib.metadata import version
 
 got = {
@@ -123,7 +141,6 @@ got = {
     "higher": (version("higher"), os.environ["HIGHER_VERSION"]),
     "torch": (torch.__version__, os.environ["TORCH_VERSION"]),
     "torchvision": (torchvision.__version__, os.environ["TORCHVISION_VERSION"]),
-    "qpth": (version("qpth"), os.environ["QPTH_VERSION"]),
 }
 bad = {k: v for k, v in got.items() if v[0].split("+")[0] != v[1]}
 if bad:
@@ -170,17 +187,9 @@ ds = MetaDataset(torch.utils.data.TensorDataset(torch.randn(20, 3), torch.arange
 task = TaskDataset(ds, [NWays(ds, 3), KShots(ds, 2), LoadData(ds)], num_tasks=4).sample()
 assert task[0].shape == (6, 3) and len(set(task[1].tolist())) == 3, task
 
-# qpth (used by learn2learn.nn.MetaOptNet) under the venv's numpy:
-# min 1/2 |z|^2 + 1.z  s.t. z >= 0  ->  z = 0.
-from qpth.qp import QPFunction
-e = torch.empty(0)
-z = QPFunction(verbose=-1)(torch.eye(2)[None], torch.ones(1, 2), -torch.eye(2)[None],
-                           torch.zeros(1, 2), e, e)
-assert z.abs().max() < 1e-4, z
-
 import numpy
 print(" ".join(f"{k}=={g}" for k, (g, _) in got.items()), f"numpy=={numpy.__version__}",
-      "(smoke test passed: MAML 2nd order == higher meta-gradient; data pipeline; qpth)")
+      "(smoke test passed: MAML 2nd order == higher meta-gradient; data pipeline)")
 EOF
 }
 
@@ -248,31 +257,21 @@ tar -xzf "$SDIST" -C "$BUILD_DIR"
     "$PY" -m cython -3 meta_dataset.pyx task_dataset.pyx transforms.pyx
 )
 
-# 4. Install; torch and numpy stay pinned.
-#
-# numpy: qpth 0.0.18 (a learn2learn dependency, used only by the lazily
-# imported learn2learn.nn.MetaOptNet head) declares numpy<2, so a plain
-# `pip install learn2learn` silently downgrades the venv's numpy (2.4 -> 1.26).
-# An older qpth cannot be resolved instead (qpth 0.0.17's setup.py has the
-# invalid specifier "numpy>=1<2", which current setuptools rejects). qpth's code
-# works with numpy 2 (it only uses np.array, linalg.cholesky and lexsort; the
-# smoke test solves a QP), so we keep the venv's numpy pinned and install qpth
-# and learn2learn with --no-deps, naming their dependencies ourselves (the
-# install_requires of learn2learn 0.2.0 without qpth, plus qpth 0.0.18's).
-# `pip check` thus reports "qpth 0.0.18 has requirement numpy<2,>=1": expected.
+# 4. Install; torch and numpy stay pinned (the constraints file gets the
+#    venv's numpy now that step 1 has made sure there is one).
 numpy_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("numpy"))')
 printf 'numpy==%s\n' "$numpy_version" >> "$CONSTRAINTS"
 
-# 4a. The dependencies, higher and torchvision.
+# 4a. higher, torchvision and what `import learn2learn` needs: learn2learn
+#     0.2.0's install_requires without qpth and gsutil (see the header).
 pip_install \
     "torch==$TORCH_VERSION" \
     "torchvision==$TORCHVISION_VERSION" \
     "higher==$HIGHER_VERSION" \
-    "numpy>=1.15.4" "gym>=0.14.0" scipy requests gsutil tqdm \
-    "cvxpy>=1.1.0"
-# 4b. qpth and learn2learn themselves, without dependency resolution
-#     (--force-reinstall so that a rerun or --force really rebuilds learn2learn).
-pip_install --no-deps "qpth==$QPTH_VERSION"
+    "numpy>=1.15.4" "gym>=0.14.0" scipy requests tqdm
+# 4b. learn2learn itself, without dependency resolution (it would pull qpth,
+#     cvxpy and gsutil) and with --force-reinstall so that a rerun or --force
+#     really rebuilds it.
 pip_install --no-deps --no-build-isolation --force-reinstall "$SRC"
 
 # 5. Full check, then stamp this state for the warm path.

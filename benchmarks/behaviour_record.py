@@ -64,7 +64,7 @@ SMALL_TENSOR = 8
 
 # extra overrides per algorithm on top of the quick preset (MAML++ with its own model and schedules)
 EXTRA = {"mamlpp": ["model.name=conv4_perstep", "model.bn_steps=2", "inner.steps=2", "eval.inner_steps=2",
-                    "outer.msl_iterations=10", "outer.first_order_until=5", "outer.final_lr=0.0001"]}
+                    "mamlpp.msl_iterations=10", "mamlpp.first_order_until=5", "mamlpp.final_lr=0.0001"]}
 
 
 class Failure(Exception):

@@ -35,9 +35,9 @@ import torch
 def _worker(args: argparse.Namespace) -> None:
     from metalearn import distributed
     from metalearn.config import load_config
-    from metalearn.data import REGRESSION
+    from metalearn.data.benchmark import synthetic_benchmark
     from metalearn.models import build_model
-    from metalearn.train import build_algorithm, build_sampler, model_shape, resolve_device, seed_everything, sharded_meta_step
+    from metalearn.train import build_algorithm, resolve_device, seed_everything, sharded_meta_step
 
     cfg = load_config(args.config, args.overrides)
     dist = distributed.init(cfg.device)
@@ -45,17 +45,11 @@ def _worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         seed_everything(cfg.seed)
         device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-        d = cfg.data
-        images, ds = None, None
-        if d.dataset not in REGRESSION:
-            channels = 1 if d.dataset == "omniglot" else 3
-            g = torch.Generator().manual_seed(cfg.seed)
-            images = torch.randint(0, 256, (max(4 * d.ways, 64), d.shots + d.query_shots, channels, d.image_size,
-                                            d.image_size), generator=g, dtype=torch.uint8).to(device)
-            ds = argparse.Namespace(channels=channels)
-        sampler = build_sampler(cfg, images, device)
-        in_channels, outputs = model_shape(cfg, ds)
-        model = build_model(cfg.model, in_channels, outputs, d.image_size).to(device=device, dtype=dtype)
+        benchmark = synthetic_benchmark(cfg)  # random pixels of the data set's shape (or sinusoid tasks)
+        benchmark.load(device)
+        sampler = benchmark.sampler(cfg.seed, dtype)
+        model = build_model(cfg.model, benchmark.channels, benchmark.outputs, cfg.data.image_size).to(device=device,
+                                                                                                      dtype=dtype)
         algorithm = build_algorithm(cfg, model)
         params = list(model.parameters())
         optimizer = algorithm.outer_optimizer(params, cfg.outer.lr)
@@ -81,7 +75,7 @@ def _worker(args: argparse.Namespace) -> None:
         distributed.barrier(dist)
         seconds = time.perf_counter() - t0
         if dist.is_main:
-            plan = algorithm.execution_plan()[0] if hasattr(algorithm, "execution_plan") else "loop"
+            plan = algorithm.plan()[0]  # build_algorithm returns an Engine
             Path(args.worker_out).write_text(json.dumps({
                 "processes": dist.world_size, "backend": dist.backend or "none (1 process)",
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -1,7 +1,8 @@
 """Fine-tuning evaluation speed: the batched path (episodes as a batch dimension, frozen blocks run
 once per batch) against the per-episode reference loop (metalearn/algorithms/finetune.py).
 
-    python benchmarks/bench_finetune.py [--episodes 100] [--steps 50] [--hidden 32] [--repeat 2] [--out benchmarks/results/finetune_cpu.json]
+    python benchmarks/bench_finetune.py [--episodes 100] [--steps 50] [--hidden 32] [--repeat 2] \
+        [--out benchmarks/results/finetune_cpu.json]
 
 Random conv4 weights and random uint8 28x28 images (the timing does not depend on the values);
 5-way 1-shot, 15 queries, SGD, batches of 50 episodes. Both paths give the same accuracies
@@ -40,7 +41,8 @@ def main() -> None:
     for blocks, lora in [(0, 0), (2, 0), (4, 0), (4, 4)]:
         accs, row = {}, {"blocks": blocks, "lora_rank": lora}
         for execution in ("batched", "loop"):
-            ft = FineTune(model, inner_lr=0.1, inner_steps=args.steps, blocks=blocks, lora_rank=lora, execution=execution)
+            ft = FineTune(model, inner_lr=0.1, inner_steps=args.steps, blocks=blocks, lora_rank=lora,
+                          execution=execution)
             times = []
             for _ in range(args.repeat):  # the fastest of `repeat` runs: a shared machine only ever adds time
                 t0 = time.perf_counter()

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from metalearn._io import atomic_json
+from metalearn.algorithms import MAML
+from metalearn.config import load_config
+from metalearn.data import EpisodeSampler, open_dataset
+from metalearn.engine import Engine
+from metalearn.models import conv4
 
-from metalearn._io import atomic_json  # noqa: E402
-from metalearn.algorithms import MAML  # noqa: E402
-from metalearn.config import load_config  # noqa: E402
-from metalearn.data import EpisodeSampler, open_dataset  # noqa: E402
-from metalearn.models import conv4  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXACT = conv4.normalise
 
@@ -42,7 +42,7 @@ def native(norm, h):
 def meta_gradient(batch, dtype, execution="hybrid"):
     torch.manual_seed(0)
     model = conv4.Conv4(hidden=64).to(dtype)
-    algo = MAML(model, inner_lr=0.4, inner_steps=1).set_execution(execution)
+    algo = Engine(MAML(model, inner_lr=0.4, inner_steps=1), execution)
     algo.meta_step(batch)
     return model, {n: p.grad.double() for n, p in model.named_parameters()}
 
@@ -75,7 +75,7 @@ def main() -> int:
         conv4.normalise = fn
         errors[name] = rel(meta_gradient(batch32, torch.float32)[1], ref)
     model = conv4.Conv4(hidden=64)
-    algo = MAML(model, inner_lr=0.4, inner_steps=1).set_execution("hybrid")
+    algo = Engine(MAML(model, inner_lr=0.4, inner_steps=1), "hybrid")
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for rep in range(args.reps + 1):  # the first rep of each is a warm-up
         for name, fn in variants.items():
@@ -93,7 +93,8 @@ def main() -> int:
         print(f"{r['variant']:34s} {r['median_ms']:8.1f} ms/step   float32 error {r['rel_l2_vs_float64']:.2e}")
     cost = rows[0]["median_ms"] / rows[1]["median_ms"]
     print(f"cost of the exact BatchNorm: x{cost:.3f} per meta-step; the loop's own float32 error: {loop_error:.2e}")
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu", "device_name": platform.machine(),
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu",
+           "device_name": platform.machine(),
            "torch": torch.__version__, "threads": args.threads, "tasks": args.tasks, "rows": rows, "time_ratio": cost,
            "loop_rel_l2_vs_float64": loop_error}
     if args.out:

@@ -25,7 +25,7 @@ Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimensio
 learn2learn-cl: learn2learn fed the same channels-last images that hybrid uses (what a
 learn2learn user could do by hand; it shows how much of a CPU speed-up is memory layout alone;
 image rows only). Not run by default: loop+ckpt, batched+ckpt, hybrid+ckpt, the same paths with
-inner-loop activation checkpointing (set_execution(..., checkpoint=True)), to measure the memory it
+inner-loop activation checkpointing (algorithm.set_checkpoint(True)), to measure the memory it
 saves. learn2learn and higher are imported here only; a path whose package is missing
 is reported as skipped.
 """
@@ -46,14 +46,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from metalearn._io import atomic_json  # noqa: E402
-from metalearn.algorithms import MAML  # noqa: E402
-from metalearn.inner.layout import channels_last  # noqa: E402
-from metalearn.models import MLP, Conv4  # noqa: E402
-from metalearn.types import Examples, TaskBatch  # noqa: E402
+from metalearn._io import atomic_json
+from metalearn.algorithms import MAML
+from metalearn.engine import Engine
+from metalearn.inner.layout import channels_last
+from metalearn.models import MLP, Conv4
+from metalearn.types import Examples, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -127,8 +125,7 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     if path.split("+")[0] in OURS:
         algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
                     loss="mse" if row.sinusoid else "cross_entropy")
-        algo.set_execution(path.split("+")[0], checkpoint=path.endswith("+ckpt"))
-        return algo.meta_step
+        return Engine(algo.set_checkpoint(path.endswith("+ckpt")), path.split("+")[0]).meta_step
     if path in ("learn2learn", "learn2learn-cl"):
         import learn2learn as l2l
 
@@ -268,7 +265,8 @@ def main() -> int:
         print(json.dumps(worker(ROWS[args.worker[0]], args.worker[1], device, args.reps, args.warmup)))
         return 0
 
-    unknown = [r for r in args.rows.split(",") if r not in ROWS] + [p for p in args.paths.split(",") if p not in PATHS + CHECKPOINTED]
+    unknown = ([r for r in args.rows.split(",") if r not in ROWS]
+               + [p for p in args.paths.split(",") if p not in PATHS + CHECKPOINTED])
     if unknown:
         print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -288,11 +286,13 @@ def main() -> int:
         for path in paths:
             cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
                    str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
             res.update(row=name, path=path, grad_rel_diff_vs_loop_float64=agree[path],
                        grad_rel_diff_vs_loop_float32=agree32[path], setting=asdict(row))
             results.append(res)
-            print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  (min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
+            print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  "
+                  f"(min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
                   f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB", flush=True)
     for r in results:  # speed-ups against the baselines of the same row
         for base in (*BASELINES, "loop"):
@@ -300,7 +300,8 @@ def main() -> int:
             if other is not None and base != r["path"]:
                 r[f"speedup_vs_{base}"] = round(other["ms_median"] / r["ms_median"], 3)
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
-           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+           "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else platform.processor() or platform.machine()),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "tf32": False, "results": results}
     if args.out:

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from metalearn.algorithms.maml import MAML  # noqa: E402
-from metalearn.config import DataConfig  # noqa: E402
-from metalearn.data import EpisodeSampler, open_dataset  # noqa: E402
-from metalearn.models.conv4 import Conv4  # noqa: E402
+from metalearn.algorithms.maml import MAML
+from metalearn.config import DataConfig
+from metalearn.data import EpisodeSampler, open_dataset
+from metalearn.models.conv4 import Conv4
 
 
 def timed(fn, min_seconds: float, min_reps: int = 3) -> tuple[float, int]:
@@ -122,7 +119,8 @@ def bench(name: str, images: torch.Tensor, ways: int, shots: int, query: int, ta
         "targets_met": {"speedup>=20x": l2l_s / ours_s >= 20, "sampling<=5%": ours_s / (ours_s + step_s) <= 0.05},
     }
     print(f"{name:>28}: ours {tasks / ours_s:10.1f} episodes/s | learn2learn {tasks / l2l_s:8.1f} episodes/s | "
-          f"x{l2l_s / ours_s:6.1f} | meta-step {step_s * 1000:8.1f} ms, sampling {100 * out['sampling_fraction_of_meta_step']:.2f}%")
+          f"x{l2l_s / ours_s:6.1f} | meta-step {step_s * 1000:8.1f} ms, "
+          f"sampling {100 * out['sampling_fraction_of_meta_step']:.2f}%")
     return out
 
 
@@ -131,7 +129,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--min-seconds", type=float, default=3.0)
-    p.add_argument("--mini-root", default="", help="mini-ImageNet CSV folder (default $METALEARN_DATA/mini-imagenet-sample)")
+    p.add_argument("--mini-root", default="",
+                   help="mini-ImageNet CSV folder (default $METALEARN_DATA/mini-imagenet-sample)")
     p.add_argument("--out", default="")
     p.add_argument("--note", default="", help="conditions of the run, stored in the JSON (e.g. other jobs running)")
     args = p.parse_args()

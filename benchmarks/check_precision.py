@@ -29,21 +29,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_meta_step import ROWS, cast_batch, make_batch, make_model  # a sibling: this script's folder is on sys.path
+from metalearn._io import atomic_json
+from metalearn.algorithms import ALGORITHMS, MAML
+from metalearn.engine import Engine
+from metalearn.precision import meta_step_context, set_precision
+from metalearn.types import TaskBatch
 
-from bench_meta_step import ROWS, cast_batch, make_batch, make_model  # noqa: E402
-from metalearn._io import atomic_json  # noqa: E402
-from metalearn.algorithms import ALGORITHMS, MAML  # noqa: E402
-from metalearn.precision import meta_step_context, set_precision  # noqa: E402
-from metalearn.types import TaskBatch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def meta_gradient(row, batch: TaskBatch, device: torch.device, dtype: torch.dtype, precision: str) -> torch.Tensor:
     model = make_model(row, device).to(dtype)
-    algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
-                loss="mse" if row.sinusoid else "cross_entropy")
+    algo = Engine(MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
+                       loss="mse" if row.sinusoid else "cross_entropy"))  # execution auto
     set_precision(precision, device)
     with meta_step_context(precision, device):
         algo.meta_step(cast_batch(batch, dtype))
@@ -64,7 +63,7 @@ def real_data_check(args: argparse.Namespace) -> dict:
     def grad(mode: str, dtype: torch.dtype, seed: int, algorithm: str) -> dict:
         torch.manual_seed(0)
         model = Conv4(hidden=32).to(dtype)
-        algo = ALGORITHMS[algorithm](model, inner_lr=0.4, inner_steps=1).set_execution(mode)
+        algo = Engine(ALGORITHMS[algorithm](model, inner_lr=0.4, inner_steps=1), mode)
         algo.meta_step(EpisodeSampler(images, 5, 1, 5, seed=seed, split="train", dtype=dtype).sample(args.tasks or 4))
         named = dict(model.named_parameters())
         named.update({f"learnable.{i}": p for i, p in enumerate(algo.meta_parameters())})
@@ -83,8 +82,8 @@ def real_data_check(args: argparse.Namespace) -> dict:
             for mode in ("loop", "batched", "hybrid"):
                 row[mode] = rel(grad(mode, torch.float32, seed, algorithm), ref)
             results.append(row)
-            print(f"{algorithm:8s} seed {seed}  " + "  ".join(f"{m} {row[m]:.2e}" for m in ("loop", "batched", "hybrid")),
-                  flush=True)
+            print(f"{algorithm:8s} seed {seed}  "
+                  + "  ".join(f"{m} {row[m]:.2e}" for m in ("loop", "batched", "hybrid")), flush=True)
     return {"check": "float32 vs float64 meta-gradient on real Omniglot batches, relative L2 without conv biases",
             "threads": torch.get_num_threads(), "results": results}
 

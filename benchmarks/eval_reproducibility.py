@@ -18,10 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from metalearn._io import atomic_json  # noqa: E402
+from metalearn._io import atomic_json
 
 VARIANTS = [("threads=1, run's path", ["threads=1"]), ("threads=1, run's path, again", ["threads=1"]),
             ("threads=2, run's path", ["threads=2"]), ("threads=1, loop", ["threads=1", "outer.execution=loop"])]
@@ -37,8 +34,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(VARIANTS):
             out = Path(tmp) / f"{i}.json"
-            cmd = [sys.executable, "-m", "metalearn", "eval", args.run, "--episodes", str(args.episodes), "--no-progress",
-                   "--out", str(out), *overrides]
+            cmd = [sys.executable, "-m", "metalearn", "eval", args.run, "--episodes", str(args.episodes),
+                   "--no-progress", "--out", str(out), *overrides]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"eval_reproducibility: error: {' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
@@ -51,9 +48,11 @@ def main() -> int:
         r["episodes_differing"] = sum(d != 0 for d in diff)
         r["max_difference"] = max(diff)
         print(f"{r['variant']:30s} execution {r['execution']:7s} threads {r['threads']}: mean {100 * r['mean']:.3f}%, "
-              f"{r['episodes_differing']} of {len(base)} episodes differ (largest {100 * r['max_difference']:.2f} points)")
+              f"{r['episodes_differing']} of {len(base)} episodes differ "
+              f"(largest {100 * r['max_difference']:.2f} points)")
     if args.out:
-        print(f"wrote {atomic_json({'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'run': args.run, 'variants': results}, args.out)}")
+        record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "run": args.run, "variants": results}
+        print(f"wrote {atomic_json(record, args.out)}")
     return 0
 
 

@@ -1,6 +1,9 @@
 """metalearn: few-shot meta-learning in PyTorch.
 
 Public surface: configs, data, models, the inner loop, algorithms and evaluation.
+
+Importing the package imports metalearn.validation, which registers the checks that need the data set,
+model and algorithm registries with `config.validate` (config.py itself imports none of them).
 """
 from .algorithms import MAML
 from .config import Config, load_config
@@ -8,6 +11,7 @@ from .errors import MetalearnError
 from .evaluation import EvalResult, evaluate, mean_ci95
 from .inner import inner_loop, select
 from .types import Examples, Params, TaskBatch
+from . import validation  # noqa: E402,F401  registers the registries' checks with config.validate (see config.py)
 
 __version__ = "0.1.0"
 

@@ -36,9 +36,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ._io import atomic_json, atomic_write
-from .config import Config, load_config, validate
+from .algorithms import registry
+from .config import Config, check_moved, load_config
 from .errors import MetalearnError
 from .stats import t_interval
+from .validation import validate
 
 _FILE_KEYS = {"description", "base", "overrides", "vary"}
 
@@ -63,6 +65,7 @@ class Ablation:
 
 def _with_values(cfg: Config, values: Dict[str, Any], where: str) -> Config:
     """cfg with dotted keys set to values; unknown keys and wrong types are errors naming the key."""
+    check_moved(values, where)
     nested: Dict[str, Any] = {}
     for key, value in values.items():
         d = nested
@@ -104,7 +107,8 @@ def load_ablation(path: str | Path, *, seeds: int = 3, out_dir: str | Path = "ru
         raise MetalearnError(f"ablation file {path}: expected a mapping with base and vary")
     unknown = sorted(set(spec) - _FILE_KEYS)
     if unknown:
-        raise MetalearnError(f"ablation file {path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(_FILE_KEYS))}")
+        raise MetalearnError(f"ablation file {path}: unknown key {unknown[0]!r}; "
+                             f"known: {', '.join(sorted(_FILE_KEYS))}")
     if "base" not in spec or "vary" not in spec:
         raise MetalearnError(f"ablation file {path}: needs `base` (a preset) and `vary` (key: [values])")
     base = Path(spec["base"])
@@ -206,7 +210,8 @@ def run_ablation(ablation: Ablation, *, progress: bool = True) -> Dict[str, Any]
                 if progress:
                     print(f"[{done}/{total}] {ablation.name}: {cfg.tracking.name}", flush=True)
                 cfg.tracking.progress = cfg.tracking.progress and progress
-                if cfg.outer.algorithm == "finetune":  # transfer baseline: shared initial weights, then fine-tuning
+                if not registry.capabilities(cfg.outer.algorithm).meta_trained:
+                    # the transfer baseline: shared initial weights, then fine-tuning
                     from .transfer import run_transfer
 
                     summary = run_transfer(cfg, progress=progress)
@@ -342,7 +347,8 @@ def plot_ablation(report: Dict[str, Any], path: str | Path) -> Path:
         keys, cells = ["run"], [{**c, "values": {"run": "all seeds"}} for c in cells]
     xkey = keys[0]
     xs = list(dict.fromkeys(_label(c["values"][xkey]) for c in cells))
-    numeric = all(isinstance(c["values"][xkey], (int, float)) and not isinstance(c["values"][xkey], bool) for c in cells)
+    numeric = all(isinstance(c["values"][xkey], (int, float)) and not isinstance(c["values"][xkey], bool)
+                  for c in cells)
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for c in cells:
         label = ", ".join(f"{key}={_label(c['values'][key])}" for key in keys[1:])

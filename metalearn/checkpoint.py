@@ -58,7 +58,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:
         raise MetalearnError(f"checkpoint {path} is not a readable metalearn checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict):
-        raise MetalearnError(f"checkpoint {path} is not a metalearn checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+        raise MetalearnError(f"checkpoint {path} is not a metalearn checkpoint (it holds a {type(ckpt).__name__}, "
+                             f"not a dict)")
     if ckpt.get("format") != FORMAT:
         raise MetalearnError(f"checkpoint {path} is not a metalearn checkpoint (format {FORMAT})")
     for key, kind, what in [("step", int, "an int"), ("config", dict, "a dict"), ("model", dict, "a state dict")]:
@@ -150,12 +151,13 @@ def git_info(where: str | Path | None = None) -> Dict[str, Any]:
 def metalearn_info() -> Dict[str, Any]:
     """{"version": installed version (package metadata; the source's __version__ without one), and "commit",
     "dirty" when metalearn runs from a git checkout}."""
+    import sys
     from importlib import metadata
 
     try:
         version = metadata.version("metalearn")
-    except metadata.PackageNotFoundError:
-        from . import __version__ as version
+    except metadata.PackageNotFoundError:  # the package (imported before any of its modules) is a higher layer
+        version = sys.modules[__package__].__version__
     return {"version": version, **git_info()}
 
 

@@ -7,7 +7,7 @@
     metalearn bench CONFIG.yaml [key=value ...] [--steps 20]  time meta-training steps on synthetic images
     metalearn list                                            data sets, models, algorithms, presets, ablations
     metalearn data check [DATASET] [key=value ...]            check a data set's splits; classes, images, overlaps
-    metalearn --version                                       metalearn (and its commit in a checkout) and torch versions
+    metalearn --version                                       metalearn (its commit in a checkout) and torch versions
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .errors import MetalearnError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
+    from .algorithms.registry import capabilities
     from .train import train
 
     config, overrides = args.config, list(args.overrides)
@@ -39,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config, cfg = _load_run_config(config, overrides, args.resume)
     if distributed.launched_by_torchrun():  # torchrun: refuse what cannot be split before joining the job
         distributed.check_algorithm(cfg.outer.algorithm, distributed.Context(world_size=2))
-    if cfg.outer.algorithm == "finetune":  # transfer baseline: pre-train (or load), then fine-tune
+    if not capabilities(cfg.outer.algorithm).meta_trained:  # transfer baseline: pre-train (or load), then fine-tune
         return _run_transfer(cfg, args.resume)
     dist = distributed.init(cfg.device)  # no-op without torchrun
     try:
@@ -52,14 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _print_finished(summary, "train")
     print(f"run folder: {summary['run_dir']}")
     if summary["interrupted"]:
-        if summary.get("during"):
-            print(f"metalearn: {summary['interrupted']} during {summary['during']}: the checkpoint of step "
-                  f"{summary['step']} is saved; evaluate it with\n  metalearn train {summary['run_dir']} --resume",
-                  file=sys.stderr)
-        else:
-            print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
-                  f"  metalearn train {summary['run_dir']} --resume", file=sys.stderr)
-        return 130 if summary["interrupted"] == "SIGINT" else 143
+        return _interrupted(summary, f"metalearn train {summary['run_dir']} --resume")
     ev = summary["eval"]
     print(f"meta-training took {summary['train_seconds']:.1f} s")
     print(final_line(ev))
@@ -84,6 +78,17 @@ def _multirun(config: Optional[str], overrides: List[str], vary: dict, args: arg
     print((Path(report["out_dir"]) / "table.md").read_text())
     print(f"wrote {report['out_dir']}/results.json, table.md, figure.png")
     return 0
+
+
+def _interrupted(summary: dict, resume: str) -> int:
+    """Say where a run stopped by a signal was saved and how to continue it (`resume`); 130 or 143."""
+    if summary.get("during"):
+        print(f"metalearn: {summary['interrupted']} during {summary['during']}: the checkpoint of step "
+              f"{summary['step']} is saved; evaluate it with\n  {resume}", file=sys.stderr)
+    else:
+        print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
+              f"  {resume}", file=sys.stderr)
+    return 130 if summary["interrupted"] == "SIGINT" else 143
 
 
 def _load_run_config(config: Optional[str], overrides: List[str], resume: bool):
@@ -136,9 +141,7 @@ def _run_transfer(cfg, resume: bool) -> int:
         return _print_finished(summary, "pretrain")
     print(f"run folder: {summary['run_dir']}")
     if summary["interrupted"]:
-        print(f"metalearn: {summary['interrupted']} at step {summary['step']}: checkpoint saved; continue with\n"
-              f"  metalearn pretrain {Path(summary['run_dir']) / 'config.yaml'} --resume", file=sys.stderr)
-        return 130 if summary["interrupted"] == "SIGINT" else 143
+        return _interrupted(summary, f"metalearn pretrain {Path(summary['run_dir']) / 'config.yaml'} --resume")
     if summary.get("train_seconds") is not None:
         print(f"pre-training took {summary['train_seconds']:.1f} s")
     print(summary_line(summary["eval"]))
@@ -156,11 +159,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from . import distributed
     from ._io import atomic_json, check_writable_folder
+    from .algorithms.registry import capabilities
     from .checkpoint import load_checkpoint, nonfinite_tensor
-    from .config import from_dict, validate
-    from .data import REGRESSION, check_episode_fits, open_dataset
+    from .config import eval_settings, from_dict, validate
+    from .data.benchmark import open_benchmark
+    from .evaluation import eval_runtime, run_evaluation
     from .models import build_model
-    from .train import build_algorithm, eval_runtime, eval_settings, model_shape, resolve_device, run_evaluation
+    from .train import build_algorithm, resolve_device
 
     ckpt_path = Path(args.checkpoint)
     ckpt_path = ckpt_path / "checkpoint.pt" if ckpt_path.is_dir() else ckpt_path
@@ -199,30 +204,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if cfg.threads:  # the run's threads unless changed: the same threads give bit-identical CPU results
         torch.set_num_threads(cfg.threads)
     dist = distributed.init(cfg.device)  # torchrun: episodes sharded across processes, then gathered
-    if dist.enabled and cfg.outer.algorithm == "finetune":
-        raise MetalearnError("eval of a finetune checkpoint runs with one process (its support accuracies are per process)")
+    caps = capabilities(cfg.outer.algorithm)
+    if dist.enabled and not caps.meta_trained:
+        raise MetalearnError(f"eval of a {cfg.outer.algorithm} checkpoint runs with one process (an adapter's support "
+                             f"accuracies are per process)")
     ev = eval_settings(cfg)
-    if ev["ways"] != cfg.data.ways and cfg.outer.algorithm not in ("protonet", "finetune"):
+    if ev["ways"] != cfg.data.ways and not caps.test_ways_may_differ:
         raise MetalearnError(f"--ways {ev['ways']}: this checkpoint's head has {cfg.data.ways} outputs")
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    regression = cfg.data.dataset in REGRESSION  # sinusoid: generated episodes, no data set
-    ds, splits = (None, {}) if regression else open_dataset(cfg.data)
-    if not regression:
-        check_episode_fits(cfg.eval.split, len(splits[cfg.eval.split]), ds.samples_per_class, ev["ways"], ev["shots"], ev["query_shots"])
-    in_channels, outputs = model_shape(cfg, ds)
+    benchmark = open_benchmark(cfg)
+    benchmark.check_episodes(cfg.eval.split, ev["ways"], ev["shots"], ev["query_shots"])
     try:
-        outputs = ckpt["model"]["head.weight"].shape[0] if cfg.outer.algorithm == "finetune" else outputs
-        model = build_model(cfg.model, in_channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
+        # an adapter (not meta-trained) evaluates the pre-trained network as saved, whatever its head's width
+        outputs = benchmark.outputs if caps.meta_trained else ckpt["model"]["head.weight"].shape[0]
+        model = build_model(cfg.model, benchmark.channels, outputs, cfg.data.image_size).to(device=device, dtype=dtype)
         model.load_state_dict(ckpt["model"])
         algorithm = build_algorithm(cfg, model)
         if ckpt.get("algorithm"):  # learned inner lrs (metasgd, mamlpp), reptile's Adam state
             algorithm.load_state_dict(ckpt["algorithm"])
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
         why = " ".join(str(e).split())[:300] or type(e).__name__
-        raise MetalearnError(f"checkpoint {ckpt_path} does not fit its config's model ({type(e).__name__}: {why})") from None
-    images = None if regression else distributed.main_first(lambda: ds.images).to(device)[splits[cfg.eval.split].to(device)]
+        raise MetalearnError(f"checkpoint {ckpt_path} does not fit its config's model "
+                             f"({type(e).__name__}: {why})") from None
+    distributed.main_first(lambda: benchmark.load(device))  # rank 0 decodes (and caches) first
     try:
-        result = run_evaluation(cfg, algorithm, cfg.eval.split, cfg.eval.episodes, images=images, device=device,
+        result = run_evaluation(cfg, algorithm, cfg.eval.split, cfg.eval.episodes, benchmark=benchmark,
                                 progress=not args.no_progress)
     finally:
         distributed.shutdown()
@@ -230,7 +236,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(result.summary())
     record = {**result.to_dict(), **eval_runtime(cfg, algorithm)}
-    if hasattr(algorithm, "take_support"):  # finetune: support accuracy beside query accuracy
+    if not caps.meta_trained:  # an evaluation-time adapter (finetune): support accuracy beside query accuracy
         support = algorithm.take_support()
         record.update(support_mean=support.mean().item(), support_accuracies=support.tolist())
         print(f"support accuracy after fine-tuning: {100 * record['support_mean']:.2f}%")
@@ -256,7 +262,8 @@ def _eval_overrides(cfg, overrides: List[str]):
         key = ov.split("=", 1)[0].strip()
         if not (key.startswith("eval.") or key in _EVAL_KEYS):
             raise MetalearnError(f"eval: {key} cannot be changed when evaluating a checkpoint; only eval.* keys, "
-                                 f"device, threads, outer.execution and outer.task_chunk (the rest is the checkpoint's)")
+                                 f"device, threads, outer.execution and outer.task_chunk "
+                                 f"(the rest is the checkpoint's)")
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -284,11 +291,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from ._io import atomic_json
+    from .algorithms.registry import capabilities
     from .config import load_config, to_dict
-    from .data import REGRESSION, EpisodeSampler
+    from .data.benchmark import synthetic_benchmark
     from .models import build_model
     from .precision import meta_step_context, set_precision
-    from .train import build_algorithm, build_sampler, resolve_device, seed_everything
+    from .train import build_algorithm, resolve_device, seed_everything
 
     if args.steps < 1 or args.warmup < 0:
         raise MetalearnError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -304,28 +312,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
     d = cfg.data
-    channels = 1 if d.dataset == "omniglot" else 3
-    if d.dataset in REGRESSION:  # sinusoid: the real task generator (it is synthetic already)
-        channels, sampler = 1, build_sampler(cfg, None, device)
-        model = build_model(cfg.model, 1, 1, d.image_size).to(device=device, dtype=dtype)
-    else:
-        g = torch.Generator().manual_seed(cfg.seed)
-        images = torch.randint(0, 256, (max(4 * d.ways, 64), d.shots + d.query_shots, channels, d.image_size,
-                                        d.image_size), generator=g, dtype=torch.uint8).to(device)
-        sampler = EpisodeSampler(images, d.ways, d.shots, d.query_shots, seed=cfg.seed, dtype=dtype)
-        model = build_model(cfg.model, channels, d.ways, d.image_size).to(device=device, dtype=dtype)
+    benchmark = synthetic_benchmark(cfg)  # random images of the data set's shape; sinusoid: its own generator
+    benchmark.load(device)
+    sampler = benchmark.sampler(cfg.seed, dtype)
+    channels = benchmark.channels
+    model = build_model(cfg.model, channels, benchmark.outputs, d.image_size).to(device=device, dtype=dtype)
     algorithm = build_algorithm(cfg, model)
     set_precision(cfg.precision, device)
-    params = [p for p in model.parameters()]
-    optimizer = (algorithm.outer_optimizer(params, cfg.outer.lr) if hasattr(algorithm, "outer_optimizer")
-                 else torch.optim.Adam(params, lr=cfg.outer.lr))
+    optimizer = algorithm.outer_optimizer(list(model.parameters()), cfg.outer.lr)
     total = args.warmup + args.steps
 
     def one_step(step: int) -> None:
         batch = sampler.sample(cfg.outer.meta_batch_size)
         optimizer.zero_grad(set_to_none=True)
-        if hasattr(algorithm, "schedule"):
-            algorithm.schedule(step, total, optimizer)
+        algorithm.schedule(step, total, optimizer)
         with meta_step_context(cfg.precision, device):
             algorithm.meta_step(batch)
         optimizer.step()
@@ -344,20 +344,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result = {
         "command": "metalearn bench " + " ".join([str(args.config), *args.overrides, "--steps", str(args.steps),
                                                   "--warmup", str(args.warmup)]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "algorithm": cfg.outer.algorithm,
-        "images": [channels, d.image_size, d.image_size], "ways": d.ways, "shots": d.shots, "query_shots": d.query_shots,
+        "images": [channels, d.image_size, d.image_size], "ways": d.ways, "shots": d.shots,
+        "query_shots": d.query_shots,
         "meta_batch_size": cfg.outer.meta_batch_size, "inner_steps": cfg.inner.steps, "model": to_dict(cfg)["model"],
         "steps": args.steps, "warmup": args.warmup, "seconds": seconds,
         "ms_per_step": 1000 * seconds / args.steps, "tasks_per_s": args.steps * cfg.outer.meta_batch_size / seconds,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "execution": algorithm.execution_plan()[0] if hasattr(algorithm, "execution_plan") else None,
+        "execution": algorithm.execution_plan()[0],
         "precision": cfg.precision, "inner_checkpoint": cfg.inner.checkpoint,
     }
     from .evaluation import plural
 
-    steps = f"{plural(cfg.inner.steps, 'inner step')}, " if getattr(algorithm, "has_inner_loop", True) else ""
-    print(f"{cfg.outer.algorithm} {d.ways}-way {d.shots}-shot, meta-batch {cfg.outer.meta_batch_size}, "
+    steps = f"{plural(cfg.inner.steps, 'inner step')}, " if capabilities(cfg.outer.algorithm).inner_loop else ""
+    print(f"{cfg.outer.algorithm} {benchmark.description}, meta-batch {cfg.outer.meta_batch_size}, "
           f"{steps}{result['device']}, execution {result['execution']}, "
           f"precision {cfg.precision}: {result['ms_per_step']:.1f} ms/step, "
           f"{result['tasks_per_s']:.1f} tasks/s over {args.steps} steps")
@@ -484,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train from a YAML config, then evaluate on fixed test episodes",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Meta-train from a YAML preset plus key=value overrides (e.g. outer.iterations=100 "
-                                   "'inner.adapt=[head.*]'). Unknown keys and wrong types are errors.\nWrites config.yaml, "
+                                   "'inner.adapt=[head.*]'). Unknown keys and wrong types are errors.\n"
+                                   "Writes config.yaml, "
                                    "run.json (git commit), metrics.jsonl, checkpoint.pt, learning_curve.png and "
                                    "eval-<split>.json into tracking.out_dir/tracking.name.\nSIGINT/SIGTERM finish the "
                                    "current step, save a checkpoint and exit (130/143); `--resume` continues exactly.",
@@ -499,25 +502,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/ablations", help="multirun: output folder (default runs/ablations)")
     t.add_argument("--resume", action="store_true",
                    help="continue a run from its checkpoint.pt (bit-identical on CPU to an uninterrupted run): the "
-                        "run folder given (or the folder of the config.yaml given), else tracking.out_dir/tracking.name; "
-                        "a finished run only prints its result; only tracking.*, checkpoint.*, eval.*, device and threads may "
-                        "differ from the checkpoint's config")
+                        "run folder given (or the folder of the config.yaml given), else "
+                        "tracking.out_dir/tracking.name; a finished run only prints its result; only tracking.*, "
+                        "checkpoint.*, eval.*, device and threads may differ from the checkpoint's config")
     t.set_defaults(func=_cmd_train)
 
-    pt = sub.add_parser("pretrain", help="supervised pre-training on the training classes, then per-episode fine-tuning",
-                        description="Transfer-learning baseline (Chen et al. 2019): pre-train the model on all training "
-                                    "classes jointly (transfer.pretrain.*), then fine-tune a fresh head and "
+    pt = sub.add_parser("pretrain",
+                        help="supervised pre-training on the training classes, then per-episode fine-tuning",
+                        description="Transfer-learning baseline (Chen et al. 2019): pre-train the model on all "
+                                    "training classes jointly (transfer.pretrain.*), then fine-tune a fresh head and "
                                     "transfer.blocks body blocks on each fixed test episode's support set "
                                     "(eval.inner_steps, eval.inner_lr); prints query and support accuracy ± 95%% CI. "
                                     "Same run folder as `train`; outer.algorithm=finetune is implied.")
     pt.add_argument("config", help="YAML preset (e.g. experiments/configs/pretrain_omniglot.yaml) or a run folder")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the preset")
-    pt.add_argument("--resume", action="store_true", help="continue an interrupted pre-training run from its checkpoint")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue an interrupted pre-training run from its checkpoint")
     pt.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on fixed episodes; prints and saves mean ± 95%% CI",
                        description="Evaluate a checkpoint on a fixed, seeded list of episodes and save the "
-                                   "per-episode accuracies, mean and 95%% CI as JSON (next to the checkpoint unless --out).")
+                                   "per-episode accuracies, mean and 95%% CI as JSON (next to the checkpoint unless "
+                                   "--out).")
     e.add_argument("checkpoint", help="checkpoint.pt or a run folder")
     e.add_argument("overrides", nargs="*", metavar="key=value",
                    help="eval.* keys, device and threads (e.g. eval.transductive=false eval.query_shots=5); "
@@ -546,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="run an ablation grid over seeds; markdown table and figure of mean ± 95%% CI",
                        description="Run every cell of an ablation file (a base preset plus one or two varied keys) "
                                    "for --seeds seeds, then write results.json, table.md and figure.png into "
-                                   "OUT/<ablation>/. Finished runs are skipped and interrupted ones resumed on a re-run.")
+                                   "OUT/<ablation>/. Finished runs are skipped and interrupted ones resumed on a "
+                                   "re-run.")
     a.add_argument("file", help="ablation YAML, e.g. experiments/ablations/inner_steps.yaml")
     a.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every cell (after the file's)")
     a.add_argument("--seeds", type=int, default=3, help="seeds per cell: seed, seed+1, ... (default 3)")
@@ -557,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time meta-training steps of a config on synthetic images",
                        description="Time outer steps (sample a meta-batch, meta_step, optimiser step) of the config's "
-                                   "algorithm and model on random uint8 images of the data set's shape (no data needed). "
-                                   "Prints ms/step and tasks/s; --out saves JSON with the device, torch version and shapes.")
+                                   "algorithm and model on random uint8 images of the data set's shape (no data "
+                                   "needed). Prints ms/step and tasks/s; --out saves JSON with the device, torch "
+                                   "version and shapes.")
     b.add_argument("config", help="YAML preset")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     b.add_argument("--steps", type=int, default=20, help="timed outer steps (default 20)")
@@ -567,10 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     ls = sub.add_parser("list", help="show data sets, models, algorithms, presets, ablations and sweeps")
-    ls.add_argument("--root", default="", help="also list the YAML files under ROOT/experiments/{configs,ablations,sweeps}")
+    ls.add_argument("--root", default="",
+                    help="also list the YAML files under ROOT/experiments/{configs,ablations,sweeps}")
     ls.set_defaults(func=_cmd_list)
 
-    dt = sub.add_parser("data", help="check a data set's split files").add_subparsers(dest="data_command", required=True)
+    dt = sub.add_parser("data", help="check a data set's split files")
+    dt = dt.add_subparsers(dest="data_command", required=True)
     dc = dt.add_parser("check", help="check a data set's splits; print classes, images and overlaps per split",
                        description="Open a data set as `train` would: every split source is checked (a class or "
                                    "source file in two splits, a class with no images, an unknown class or a "
@@ -579,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "set into the cache unless --no-pixels).")
     dc.add_argument("dataset", nargs="?", help="data set name (default: data.dataset's default, omniglot)")
     dc.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="data config keys, e.g. split=vinyals root=/data/omniglot split_file=split.json (data. implied)")
+                    help="data config keys, e.g. split=vinyals root=/data/omniglot split_file=split.json "
+                         "(data. implied)")
     dc.add_argument("--no-pixels", action="store_true", help="skip the pixel-identical check (no decode)")
     dc.set_defaults(func=_cmd_data_check)
     return p

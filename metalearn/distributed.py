@@ -29,10 +29,11 @@ evaluation JSON) and logs to W&B. Decisions that could differ between processes 
 folder exist, is the checkpoint readable, did a signal arrive) are taken once and shared, so an
 error is raised on every rank alike instead of leaving the others waiting in a collective.
 
-Limits: reptile carries one inner-Adam state from task to task (OpenAI's code), so a task's
-adaptation depends on every earlier task of the meta-batch; it cannot be split and is refused
-with more than one process. MAML++'s per-step BatchNorm running statistics (used only by inductive
-evaluation, eval.transductive=false) are momentum averages updated task by task; with several
+Limits: an algorithm whose capabilities declare shardable=False is refused with more than one
+process (reptile: it carries one inner-Adam state from task to task, OpenAI's code, so a task's
+adaptation depends on every earlier task of the meta-batch), as is one that is not meta-trained
+(meta_trained=False: the transfer baseline). MAML++'s per-step BatchNorm running statistics (used
+only by inductive evaluation, eval.transductive=false) are momentum averages updated task by task; with several
 processes each updates them on its own tasks and they are averaged across processes after every
 step, which is close to, but not the same as, a one-process run.
 """
@@ -46,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.distributed as tdist
 
+from .algorithms import registry
 from .errors import MetalearnError
 
 T_ = TypeVar("T_")
@@ -152,16 +154,19 @@ def check_meta_batch(meta_batch_size: int, ctx: Optional[Context] = None) -> Non
 
 
 def check_algorithm(name: str, ctx: Optional[Context] = None) -> None:
-    """Refuse what cannot be split across processes (see the module docstring)."""
+    """Refuse what cannot be split across processes (see the module docstring): an algorithm that is not
+    meta-trained, or whose declared capabilities say its meta-batch cannot be sharded."""
     ctx = ctx or _CONTEXT
     if not ctx.enabled:
         return
-    if name == "reptile":
-        raise MetalearnError("outer.algorithm=reptile cannot be split across processes: its inner Adam state is "
-                             "carried from task to task, so every task depends on the earlier ones; run it with "
-                             "one process")
-    if name == "finetune":
-        raise MetalearnError("outer.algorithm=finetune is not meta-trained; run it with one process")
+    caps = registry.capabilities(name)
+    if not caps.meta_trained:
+        raise MetalearnError(f"outer.algorithm={name} is not meta-trained; run it with one process")
+    if not caps.shardable:
+        raise MetalearnError(f"outer.algorithm={name} cannot be split across processes: its tasks are not "
+                             f"independent (state is carried from task to task, so every task depends on the "
+                             f"earlier ones); run it with one process, or use one of "
+                             f"{', '.join(registry.supporting('shardable'))}")
 
 
 # --- collectives --------------------------------------------------------------------------------

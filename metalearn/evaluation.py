@@ -9,6 +9,10 @@ Under torchrun (metalearn/distributed.py) the episodes are sharded across proces
 batches of `batch_size` (each batch is the same as in a one-process run) and gathered in order,
 so every process reports the numbers a single process would.
 
+`run_evaluation(cfg, algorithm, split, episodes, benchmark=)` is a run's evaluation: the config's
+eval settings on the fixed episodes of its benchmark (metalearn/data/benchmark.py), as the training
+loop, `metalearn eval` and validation use it.
+
 BatchNorm: conv4's BatchNorm is transductive (batch statistics of the query set at scoring
 time, as in MAML's code); the mode is recorded in the result.
 """
@@ -16,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import fixed_episodes, fixed_sinusoid_episodes
+from .config import eval_settings
+from .data import fixed_episodes
+from .data.benchmark import Benchmark
 
 
 @dataclass
@@ -53,7 +59,8 @@ class EvalResult:
         """The result line of `metalearn train` and `metalearn eval` (and of validation during training), e.g.
         "test accuracy: 93.16 ± 0.52% (95% CI) over 600 5-way 1-shot episodes, 1 inner step"."""
         what = "MSE" if self.metric == "mse" else "accuracy"
-        return f"{self.split} {what}: {format_score(self.metric, self.mean, self.ci95, named=False)} (95% CI) over {self.protocol()}"
+        score = format_score(self.metric, self.mean, self.ci95, named=False)
+        return f"{self.split} {what}: {score} (95% CI) over {self.protocol()}"
 
     def protocol(self) -> str:
         """"600 5-way 1-shot episodes, 5 inner steps"; "100 5-shot sinusoid episodes, 1 inner step"."""
@@ -111,22 +118,22 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 def evaluate(algorithm, images: Optional[torch.Tensor], *, ways: int, shots: int, query_shots: int, episodes: int,
              seed: int, inner_steps: int, inner_lr: float, batch_size: int = 50, split: str = "test",
              batchnorm: str = "transductive", dtype: torch.dtype = torch.float32,
-             progress: bool = False, transductive: bool = True, sinusoid: Optional[str] = None,
-             device: Optional[torch.device] = None, dist=None) -> EvalResult:
+             progress: bool = False, transductive: bool = True, benchmark: Optional[Benchmark] = None,
+             dist=None) -> EvalResult:
     """Score `algorithm` on the fixed episodes 0..episodes-1 fixed by `seed`.
 
     images: uint8 (classes, per_class, C, H, W) of the split, on the evaluation device; or None with
-    `sinusoid` = the protocol ("maml" / "reptile") of sinusoid regression episodes (fixed_sinusoid_episodes,
-    made on `device`). dist: a metalearn.distributed.Context; with several processes each scores its
-    shard of whole batches and the per-episode values are gathered (identical on every process).
+    `benchmark`, a loaded Benchmark whose fixed episodes of `split` are scored (image classes or
+    generated tasks, on its device). dist: a metalearn.distributed.Context; with several processes each
+    scores its shard of whole batches and the per-episode values are gathered (identical on every process).
     """
     from . import distributed
 
     dist = dist or distributed.context()
     lo, hi = distributed.shard_batches(episodes, batch_size, dist)
-    if sinusoid is not None:
-        batches = fixed_sinusoid_episodes(shots, query_shots, count=hi, seed=seed, batch_size=batch_size,
-                                          protocol=sinusoid, device=device or "cpu", dtype=dtype, start=lo)
+    if benchmark is not None:
+        batches = benchmark.episodes(split, ways=ways, shots=shots, query_shots=query_shots, count=hi, seed=seed,
+                                     batch_size=batch_size, dtype=dtype, start=lo)
     else:
         batches = fixed_episodes(images, ways, shots, query_shots, count=hi, seed=seed,
                                  batch_size=batch_size, split=split, dtype=dtype, start=lo)
@@ -139,7 +146,8 @@ def evaluate(algorithm, images: Optional[torch.Tensor], *, ways: int, shots: int
         try:
             for batch in batches:
                 shown = bar.n
-                values.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr, transductive=transductive))
+                values.append(algorithm.evaluate_batch(batch, steps=inner_steps, lr=inner_lr,
+                                                       transductive=transductive))
                 bar.update(shown + batch.num_tasks - bar.n)
         finally:
             algorithm.on_episode = None
@@ -150,3 +158,30 @@ def evaluate(algorithm, images: Optional[torch.Tensor], *, ways: int, shots: int
     return EvalResult(split, episodes, ways, shots, query_shots, inner_steps, recorded_lr, seed, batchnorm,
                       mean, ci, scores.tolist(), transductive, getattr(algorithm, "metric_name", "accuracy"),
                       getattr(algorithm, "has_inner_loop", True))
+
+
+def run_evaluation(cfg: Any, algorithm, split: str, episodes: int, *, benchmark: Benchmark,
+                   progress: bool = False) -> EvalResult:
+    """Score `algorithm` on `episodes` fixed episodes of `split` of the (loaded) `benchmark` with the run's
+    eval settings (eval.*, defaults from training). Under torchrun the episodes are sharded and gathered."""
+    ev = eval_settings(cfg)
+    return evaluate(algorithm, None, ways=ev["ways"], shots=ev["shots"], query_shots=ev["query_shots"],
+                    episodes=episodes, seed=benchmark.eval_seed(split, cfg.eval.seed), inner_steps=ev["inner_steps"],
+                    inner_lr=ev["inner_lr"], batch_size=cfg.eval.batch_size, split=split,
+                    batchnorm=benchmark.batchnorm, dtype=getattr(torch, cfg.dtype), progress=progress,
+                    transductive=cfg.eval.transductive, benchmark=benchmark)
+
+
+def _plan(algorithm) -> "tuple[str, str]":
+    """(execution path, why) of `algorithm`'s meta-step and transductive evaluation. Until every algorithm
+    declares execution_plan() (the engine), the per-task loop of those that do not."""
+    if hasattr(algorithm, "execution_plan"):
+        return algorithm.execution_plan()
+    return "loop", "the algorithm's own per-task loop"
+
+
+def eval_runtime(cfg: Any, algorithm) -> Dict[str, Any]:
+    """Torch's thread count and the execution path of an evaluation, saved with its result: the same
+    checkpoint and episodes give bit-identical accuracies only with the same threads, path and device."""
+    plan = _plan(algorithm)[0] if cfg.eval.transductive else "loop"
+    return {"threads": torch.get_num_threads(), "execution": plan}

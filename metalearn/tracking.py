@@ -79,7 +79,8 @@ class WandbTracker:
         try:
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
-                name=name, config=config, dir=os.environ.get("WANDB_DIR") or str(run_dir),  # read per run, not once per process
+                name=name, config=config,
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),  # read per run, not once per process
                 mode=mode, id=run_id, resume="allow" if run_id else None,
                 settings=wandb.Settings(console="off", silent=True))
         except Exception as e:  # no network, no API key, ...: one line, not wandb's traceback
@@ -233,7 +234,8 @@ def plot_learning_curve(rows: List[dict], path: str | Path, title: str = "") -> 
         return {"marker": "o"} if len(points) <= 20 else {}
 
     if not same:
-        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=f"{what} loss", **marker(train))
+        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=f"{what} loss",
+                     **marker(train))
         ax_loss.set_ylabel("loss")
     ax_acc.plot([r["step"] for r in train], [r[f"train/{metric}"] for r in train], label=f"{what} {metric}",
                 **marker(train))

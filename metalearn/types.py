@@ -7,10 +7,10 @@ Shapes use the papers' vocabulary:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Params = Dict[str, Tensor]
 """A model's parameters by name, as `torch.func.functional_call` takes them."""
@@ -64,3 +64,54 @@ class TaskBatch:
     def to(self, device: torch.device | str) -> "TaskBatch":
         return TaskBatch(self.support.to(device), self.query.to(device),
                          self.ways, self.shots, self.query_shots)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What evaluation needs: something that adapts to each task's support set and scores its query set.
+    The transfer baseline (metalearn/algorithms/finetune.py) is an Adapter and nothing more."""
+
+    model: nn.Module
+    metric_name: str
+    """"accuracy" (classification) or "mse" (regression)."""
+    capabilities: Any
+    """metalearn.algorithms.registry.Capabilities: what it declares it supports."""
+    on_episode: Optional[Callable[[], None]]
+    """Called after each scored episode while evaluation shows a progress bar."""
+
+    def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
+                       transductive: bool = True) -> Tensor:
+        """(T,) float64: each task's query accuracy (or MSE) after adapting on its support set."""
+
+    def execution_plan(self) -> Tuple[str, str]:
+        """("loop" | "batched" | "hybrid", why): how a batch of tasks is run."""
+
+    def state_dict(self) -> dict:
+        """The algorithm's own state (learned lrs, Reptile's Adam state), saved in checkpoints."""
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+
+@runtime_checkable
+class MetaLearner(Adapter, Protocol):
+    """The interface the training loop, evaluation, torchrun and the CLI use, written down once.
+    `metalearn.engine.Engine` around any registered algorithm implements it. Per outer step:
+
+        learner.schedule(step, total_steps, optimizer)   # annealing (Reptile's epsilon, MAML++)
+        learner.meta_step(batch)                         # accumulates the meta-gradient into .grad
+        optimizer.step()                                 # optimizer = learner.outer_optimizer(params, lr)
+    """
+
+    def meta_step(self, batch: TaskBatch) -> Dict[str, float]:
+        """Accumulate the meta-gradient of the mean query loss into `.grad`; the batch's mean query loss
+        and metric (of the adapted models, before the outer step)."""
+
+    def outer_optimizer(self, params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
+        """The outer optimiser over `params` and the algorithm's own learnables."""
+
+    def schedule(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before outer step `step` (1-based): sets the outer lr (and MAML++'s per-step schedules)."""
+
+    def meta_parameters(self) -> List[nn.Parameter]:
+        """Learnables besides the model's parameters (Meta-SGD's alpha, MAML++'s lrs)."""

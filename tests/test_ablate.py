@@ -29,7 +29,8 @@ vary:
 
 
 @pytest.mark.slow
-def test_ablate_runs_the_grid_and_aggregates_over_seeds(ablation_file, data_root, cache_dir, tmp_path, monkeypatch, capsys):
+def test_ablate_runs_the_grid_and_aggregates_over_seeds(ablation_file, data_root, cache_dir, tmp_path, monkeypatch,
+                                                        capsys):
     monkeypatch.setenv("METALEARN_DATA", str(data_root))
     monkeypatch.setenv("METALEARN_CACHE", str(cache_dir))
     out = tmp_path / "out"

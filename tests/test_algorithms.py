@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalearn.algorithms import ANIL, BOIL, MAML, MetaSGD
+from metalearn.algorithms import ANIL, BOIL, FOMAML, MAML, MetaSGD
+from metalearn.engine import Engine
 from metalearn.inner import forward
 
 from conftest import baseline
@@ -30,8 +31,8 @@ def grads_of(algo, batch) -> dict:
 @pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
 def test_anil_cached_equals_naive_and_reference(first_order):
     model, batch = make_model(), make_batch()
-    cached = grads_of(ANIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order), batch)
-    naive = grads_of(ANIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, cached=False), batch)
+    cached = grads_of(Engine(ANIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order)), batch)
+    naive = grads_of(Engine(ANIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, cached=False)), batch)
     ref = maml_meta_gradient(dict(model.named_parameters()), batch, lr=LR, steps=STEPS, first_order=first_order,
                              adapt=HEAD)
     assert_close(cached, ref)
@@ -45,7 +46,7 @@ def test_anil_cached_path_runs_the_body_once_per_task_side():
     calls = []
     h = model.features.register_forward_hook(lambda *a: calls.append(1))
     try:
-        grads_of(ANIL(model, inner_lr=LR, inner_steps=5), batch)
+        grads_of(Engine(ANIL(model, inner_lr=LR, inner_steps=5)), batch)
     finally:
         h.remove()
     assert len(calls) == 2 * TASKS
@@ -53,8 +54,8 @@ def test_anil_cached_path_runs_the_body_once_per_task_side():
 
 def test_anil_evaluation_cached_equals_naive():
     model, batch = make_model(), make_batch()
-    a = ANIL(model, inner_lr=LR, inner_steps=STEPS).evaluate_batch(batch, steps=3, lr=0.2)
-    b = ANIL(model, inner_lr=LR, inner_steps=STEPS, cached=False).evaluate_batch(batch, steps=3, lr=0.2)
+    a = Engine(ANIL(model, inner_lr=LR, inner_steps=STEPS)).evaluate_batch(batch, steps=3, lr=0.2)
+    b = Engine(ANIL(model, inner_lr=LR, inner_steps=STEPS, cached=False)).evaluate_batch(batch, steps=3, lr=0.2)
     assert torch.equal(a, b)
 
 
@@ -62,7 +63,7 @@ def test_anil_evaluation_cached_equals_naive():
 @pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
 def test_boil_matches_reference_with_head_lr_zero(first_order):
     model, batch = make_model(), make_batch()
-    got = grads_of(BOIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order), batch)
+    got = grads_of(Engine(BOIL(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order)), batch)
     w0 = dict(model.named_parameters())
     # the reference adapts EVERY parameter, with the head's inner lr exactly 0
     lrs = {n: torch.tensor(0.0 if n.startswith("head.") else LR, dtype=torch.float64) for n in w0}
@@ -73,9 +74,10 @@ def test_boil_matches_reference_with_head_lr_zero(first_order):
 
 def test_boil_head_is_not_adapted_body_is():
     model, batch = make_model(), make_batch()
-    algo = BOIL(model, inner_lr=LR, inner_steps=STEPS)
+    algo = Engine(BOIL(model, inner_lr=LR, inner_steps=STEPS))
     params = algo.params()
-    fast = algo.adapt_task(params, batch.support.task(0))
+    fast = algo._adapt_task(params, batch.support.x[0], batch.support.y[0], steps=STEPS, lr=None,
+                            first_order=algo.first_order).params  # the inner loop meta_step runs
     assert all(fast[n] is params[n] for n in HEAD)
     assert all(not torch.equal(fast[n], params[n]) for n in params if n.endswith("conv.weight"))
 
@@ -99,7 +101,7 @@ def test_metasgd_matches_reference(first_order):
     model, batch = make_model(), make_batch()
     algo = MetaSGD(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order)
     perturb_alpha(algo)
-    got = grads_of(algo, batch)
+    got = grads_of(Engine(algo), batch)
     ref_w, ref_a = metasgd_reference(model, algo, batch, first_order)
     assert_close(got, ref_w)
     got_a = {n.replace("__", "."): p.grad for n, p in algo.alpha.lrs.items()}
@@ -127,7 +129,7 @@ def test_metasgd_matches_learn2learn(first_order):
     model, batch = make_model(), make_batch()
     algo = MetaSGD(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order)
     perturb_alpha(algo)
-    got = grads_of(algo, batch)
+    got = grads_of(Engine(algo), batch)
 
     theirs = copy.deepcopy(model)
     meta = l2l.algorithms.MetaSGD(theirs, lr=LR, first_order=first_order)
@@ -148,11 +150,12 @@ def test_metasgd_matches_learn2learn(first_order):
 # --- shared behaviour -------------------------------------------------------------------------
 def test_non_transductive_scoring_scores_each_query_with_the_support_set():
     model, batch = make_model(), make_batch()
-    algo = MAML(model, inner_lr=LR, inner_steps=1)
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=1))
     acc_nt = algo.evaluate_batch(batch, transductive=False)
     # by hand for task 0
     params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
-    fast = {n: p.detach() for n, p in algo.adapt_task(params, batch.support.task(0), first_order=True).items()}
+    fast = algo._adapt_task(params, batch.support.x[0], batch.support.y[0], steps=1, lr=None, first_order=True).params
+    fast = {n: p.detach() for n, p in fast.items()}
     preds = torch.stack([forward(model, fast, torch.cat([batch.support.x[0], batch.query.x[0][j:j + 1]]))[-1]
                          for j in range(batch.query.x.shape[1])])
     assert acc_nt[0] == (preds.argmax(-1) == batch.query.y[0]).double().mean()
@@ -240,10 +243,49 @@ def test_protonet_scores_any_number_of_ways():
     ways = 3
     sx = torch.rand(2, ways * 2, 1, 28, 28, generator=g, dtype=torch.float64)
     qx = torch.rand(2, ways * 4, 1, 28, 28, generator=g, dtype=torch.float64)
-    sy, qy = torch.arange(ways).repeat_interleave(2).expand(2, -1), torch.arange(ways).repeat_interleave(4).expand(2, -1)
+    sy = torch.arange(ways).repeat_interleave(2).expand(2, -1)
+    qy = torch.arange(ways).repeat_interleave(4).expand(2, -1)
     acc = ProtoNet(model).evaluate_batch(TaskBatch(Examples(sx, sy), Examples(qx, qy), ways, 2, 4))
     assert acc.shape == (2,) and ((acc >= 0) & (acc <= 1)).all()
 
+
+
+# --- the engine around an algorithm with its own per-task step ------------------------------------
+@pytest.mark.parametrize("name", ["reptile", "protonet"])
+def test_engine_runs_reptile_and_protonet_per_task_and_its_plan_says_so(name):
+    """Engine(algo) runs the algorithm's own meta_step / evaluate_batch, one task at a time, whatever
+    the execution setting: the same gradients, state and scores as the algorithm called directly."""
+    from metalearn.algorithms import ProtoNet, Reptile
+    from metalearn.engine import EXECUTIONS
+
+    cls = {"reptile": Reptile, "protonet": ProtoNet}[name]
+    make = lambda m: Reptile(m, inner_lr=1e-3, inner_steps=2) if name == "reptile" else ProtoNet(m)  # noqa: E731
+    for execution in EXECUTIONS:
+        assert Engine(make(make_model()), execution).plan() == ("loop", f"{cls.__name__} runs its own per-task step")
+    batch = make_batch()
+    direct_model, engine_model = make_model(), make_model()
+    direct, engine = make(direct_model), Engine(make(engine_model), "batched")
+    sizes = []  # the batch size of every forward of the model (Reptile) or its body (ProtoNet)
+    hooked = engine_model if name == "reptile" else engine_model.features
+    h = hooked.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    metrics = []
+    try:
+        for algo in (direct, engine):
+            algo.outer_optimizer(algo.model.parameters(), 1.0)
+            metrics.append(algo.meta_step(batch))
+    finally:
+        h.remove()
+    per_task = {batch.support.x.shape[1], batch.query.x.shape[1]}
+    assert set(sizes) <= per_task  # never a forward over several tasks at once
+    assert len(sizes) == TASKS * (2 + 1 if name == "reptile" else 2)  # Reptile: 2 inner steps + the query
+    for (n, p), q in zip(direct_model.named_parameters(), engine_model.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), n
+    if name == "reptile":
+        assert engine.adam_state.t == direct.adam_state.t == 2 * TASKS
+    assert metrics[0] == metrics[1] and metrics[1].keys() == {"loss", "accuracy"}
+    for transductive in (True, False):
+        assert torch.equal(engine.evaluate_batch(batch, steps=3, lr=1e-3, transductive=transductive),
+                           direct.evaluate_batch(batch, steps=3, lr=1e-3, transductive=transductive))
 
 # --- MAML++ ---------------------------------------------------------------------------------
 def make_perstep_model(seed=0):
@@ -267,7 +309,7 @@ def mamlpp(model, *, first_order=False, msl_iterations=0, first_order_until=0):
     with torch.no_grad():
         for p in algo.lrs.parameters():
             p.mul_(1 + 0.5 * torch.rand(p.shape, generator=g, dtype=p.dtype))
-    return algo
+    return Engine(algo)
 
 
 @pytest.mark.parametrize("msl", [False, True], ids=["final", "msl"])
@@ -344,8 +386,8 @@ def test_sinusoid_mse_meta_gradient_matches_reference(name):
     model = MLP().double()
     batch = SinusoidSampler(10, 10, seed=0, dtype=torch.float64).sample(TASKS)
     fo = name == "fomaml"
-    algo = {"maml": MAML, "fomaml": MAML, "metasgd": MetaSGD, "anil": ANIL}[name](
-        model, inner_lr=0.01, inner_steps=STEPS, first_order=fo, loss="mse")
+    algo = Engine({"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL}[name](
+        model, inner_lr=0.01, inner_steps=STEPS, first_order=fo, loss="mse"))
     algo.model.zero_grad(set_to_none=True)
     metrics = algo.meta_step(batch)
     assert set(metrics) == {"loss", "mse"} and metrics["loss"] == metrics["mse"]

@@ -1,5 +1,5 @@
-"""Short learning runs on real Omniglot 5-way 1-shot: each algorithm (Reptile in its own test), meta-trained for a few dozen
-outer steps of a small conv4 (hidden 16, 4 tasks per step), must score clearly better on fixed
+"""Short learning runs on real Omniglot 5-way 1-shot: each algorithm (Reptile in its own test), meta-trained
+for a few dozen outer steps of a small conv4 (hidden 16, 4 tasks per step), must score clearly better on fixed
 TEST episodes than the same network before meta-training (adapted the same way), and above a
 stated absolute floor. 5-way chance is 20%.
 
@@ -14,6 +14,7 @@ import torch
 from metalearn.algorithms import ANIL, BOIL, MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
 from metalearn.config import DataConfig
 from metalearn.data import EpisodeSampler, open_dataset
+from metalearn.engine import Engine
 from metalearn.evaluation import evaluate
 from metalearn.models import Conv4, Conv4PerStep
 
@@ -22,7 +23,8 @@ HIDDEN, META_BATCH, QUERY, EVAL_QUERY, EPISODES, STEPS = 16, 4, 2, 5, 50, 40
 
 @pytest.fixture(scope="module")
 def omniglot_splits(data_root, cache_dir):
-    ds, splits = open_dataset(DataConfig(dataset="omniglot", root=str(data_root / "omniglot"), cache_dir=str(cache_dir)))
+    cfg = DataConfig(dataset="omniglot", root=str(data_root / "omniglot"), cache_dir=str(cache_dir))
+    ds, splits = open_dataset(cfg)
     return {k: ds.images[v] for k, v in splits.items()}
 
 
@@ -68,7 +70,7 @@ def query_accuracy(algo, splits, name):
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_short_run_improves_on_omniglot(omniglot_splits, name):
     model = model_for(name)
-    algo = MAKERS[name](model)
+    algo = Engine(MAKERS[name](model))  # execution auto, as train.build_algorithm's default
     before = query_accuracy(algo, omniglot_splits, name)
     opt = algo.outer_optimizer(model.parameters(), OUTER_LR.get(name, 3e-3))
     sampler = EpisodeSampler(omniglot_splits["train"], 5, 1, QUERY, seed=0, split="train")
@@ -95,7 +97,7 @@ def test_sinusoid_maml_reaches_mse_below_one_after_one_step():
 
     torch.manual_seed(0)
     model = MLP()
-    algo = MAML(model, inner_lr=0.01, inner_steps=1, loss="mse")
+    algo = Engine(MAML(model, inner_lr=0.01, inner_steps=1, loss="mse"))
     opt = algo.outer_optimizer(model.parameters(), 1e-3)
     sampler = SinusoidSampler(10, 10, seed=0)
     for _ in range(3000):

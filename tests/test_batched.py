@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metalearn.algorithms import ALGORITHMS, MAML
+from metalearn.engine import Engine
 from metalearn.errors import MetalearnError
 from metalearn.inner.batched import batched_forward
 from metalearn.inner import forward
@@ -29,9 +30,9 @@ FAST = ["batched", "hybrid"]
 
 
 def both(make_algo, batch, task_chunk=0, mode="batched") -> "tuple[tuple, tuple]":
-    loop = grads_of(make_algo().set_execution("loop"), batch)
-    fast_algo = make_algo().set_execution(mode, task_chunk)
-    assert fast_algo.execution_plan()[0] == mode
+    loop = grads_of(Engine(make_algo(), "loop"), batch)
+    fast_algo = Engine(make_algo(), mode, task_chunk)
+    assert fast_algo.plan()[0] == mode
     return loop, grads_of(fast_algo, batch)
 
 
@@ -51,7 +52,7 @@ def test_batched_forward_equals_module_forward_per_task():
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["bn", "nobn"])
 def test_batched_meta_gradient_matches_reference(first_order, batchnorm, mode):
     model, batch = make_model(batchnorm=batchnorm), make_batch()
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order).set_execution(mode)
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order), mode)
     got, _ = grads_of(algo, batch)
     ref = maml_meta_gradient(dict(model.named_parameters()), batch, lr=LR, steps=STEPS, first_order=first_order,
                              batchnorm=batchnorm)
@@ -75,7 +76,7 @@ def test_batched_equals_loop(case, mode):
     model, batch = make_model(), make_batch()
     if mode == "hybrid" and case.startswith("anil"):  # ANIL batches its own query pass
         with pytest.raises(MetalearnError, match="execution=hybrid is not available"):
-            CASES[case](model).set_execution("hybrid")
+            Engine(CASES[case](model), "hybrid")
         return
     (g_loop, m_loop), (g_fast, m_fast) = both(lambda: CASES[case](model), batch, mode=mode)
     assert_close(g_fast, g_loop)
@@ -124,26 +125,50 @@ def test_batched_evaluation_equals_loop(case):
     model, batch = make_model(), make_batch()
     make = {"maml": lambda: MAML(model, inner_lr=LR, inner_steps=STEPS),
             "metasgd": lambda: CASES["metasgd"](model), "anil": lambda: CASES["anil"](model)}[case.split("-")[0]]
-    loop = make().set_execution("loop").evaluate_batch(batch, steps=3, lr=0.3)
-    fast = make().set_execution(case.split("-")[1] if "-" in case else "batched", 2).evaluate_batch(batch, steps=3, lr=0.3)
+    loop = Engine(make(), "loop").evaluate_batch(batch, steps=3, lr=0.3)
+    fast = Engine(make(), case.split("-")[1] if "-" in case else "batched", 2).evaluate_batch(batch, steps=3, lr=0.3)
     assert torch.equal(loop, fast)
 
 
 def test_plan_falls_back_and_batched_refuses_unsupported():
     model = make_model()
     anil = ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1, cached=False)
-    mode, why = anil.execution_plan()
-    assert mode == "loop" and "cached=False" in why
+    mode, why = Engine(anil).plan()
+    assert mode == "loop" and "anil with cached=False runs the naive per-task path" in why  # cached=False: naive path
     with pytest.raises(MetalearnError, match="execution=batched is not available"):
-        anil.set_execution("batched")
+        Engine(anil, "batched")
     with pytest.raises(MetalearnError, match="execution must be"):
-        MAML(model, inner_lr=LR, inner_steps=1).set_execution("fast")
-    assert MAML(model, inner_lr=LR, inner_steps=1).set_execution("batched").execution_plan()[0] == "batched"
-    mode, why = MAML(model, inner_lr=LR, inner_steps=1).execution_plan()  # auto: conv4 on CPU -> hybrid
+        Engine(MAML(model, inner_lr=LR, inner_steps=1), "fast")
+    assert Engine(MAML(model, inner_lr=LR, inner_steps=1), "batched").plan()[0] == "batched"
+    assert Engine(MAML(model, inner_lr=LR, inner_steps=1), "batched").execution_plan()[0] == "batched"  # the alias
+    mode, why = Engine(MAML(model, inner_lr=LR, inner_steps=1)).plan()  # auto: conv4 on CPU -> hybrid
     assert mode == "hybrid" and "query sets one task at a time" in why
-    mode, why = ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1).execution_plan()  # no hybrid for ANIL
+    mode, why = Engine(ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1)).plan()  # no hybrid for ANIL
     assert mode == "loop" and "per-task loop is faster" in why
-    assert MAML(MLP(), inner_lr=LR, inner_steps=1, loss="mse").execution_plan()[0] == "batched"
+    assert Engine(MAML(MLP(), inner_lr=LR, inner_steps=1, loss="mse")).plan()[0] == "batched"
+
+
+@pytest.mark.parametrize("mode", FAST)
+def test_engine_refuses_batched_for_an_algorithm_or_model_without_a_batched_path(mode):
+    """MAML++ declares no batched path (per-step BatchNorm, multi-step loss); a model the batched forward
+    does not know (here a plain Sequential) has none either: execution=batched/hybrid is refused up
+    front with the reason, and auto falls back to the per-task loop with the same reason."""
+    from metalearn.algorithms import MAMLPlusPlus
+
+    mamlpp = MAMLPlusPlus(make_model(), inner_lr=LR, inner_steps=STEPS)
+    with pytest.raises(MetalearnError, match=rf"^execution={mode} is not available: MAMLPlusPlus runs per task "
+                                             r"\(it declares no batched path\); use execution=loop or auto$"):
+        Engine(mamlpp, mode)
+    assert Engine(mamlpp).plan() == ("loop", "batched path unavailable (MAMLPlusPlus runs per task "
+                                             "(it declares no batched path))")
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 5)).double()
+    with pytest.raises(MetalearnError, match=rf"^execution={mode} is not available: no batched forward for model "
+                                             r"Sequential; use execution=loop or auto$"):
+        Engine(MAML(plain, inner_lr=LR, inner_steps=STEPS), mode)
+    engine = Engine(MAML(plain, inner_lr=LR, inner_steps=STEPS))
+    assert engine.plan() == ("loop", "batched path unavailable (no batched forward for model Sequential)")
+    metrics = engine.meta_step(make_batch())  # and the loop it falls back to runs
+    assert set(metrics) == {"loss", "accuracy"}
 
 
 @pytest.mark.gpu
@@ -153,17 +178,17 @@ def test_batched_on_cuda_matches_loop_float32_without_tf32():
     torch.backends.cudnn.allow_tf32 = False
     model, batch = make_model().float().cuda(), make_batch(dtype=torch.float32).to("cuda")
     make = lambda: MAML(model, inner_lr=LR, inner_steps=STEPS)  # noqa: E731
-    assert make().execution_plan()[0] == "batched"  # auto picks batched on CUDA
+    assert Engine(make()).plan()[0] == "batched"  # auto picks batched on CUDA
     (g_loop, _), (g_fast, _) = both(make, batch)
     assert_close(g_fast, g_loop, rtol=1e-4)
 
 
 def test_hybrid_automatic_chunks_split_the_support_batch(monkeypatch):
-    import metalearn.algorithms.base as base
+    import metalearn.engine as engine
 
     model, batch = make_model(), make_batch()
-    monkeypatch.setattr(base, "HYBRID_CHUNK_ELEMENTS", 1)  # -> one task per chunk
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS).set_execution("hybrid")
+    monkeypatch.setattr(engine, "HYBRID_CHUNK_ELEMENTS", 1)  # -> one task per chunk
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=STEPS), "hybrid")
     assert [sl.stop - sl.start for sl in algo._hybrid_chunks(batch)] == [1] * batch.num_tasks
     (g_loop, _), (g_fast, _) = both(lambda: MAML(model, inner_lr=LR, inner_steps=STEPS), batch, mode="hybrid")
     assert_close(g_fast, g_loop)
@@ -192,8 +217,8 @@ def test_inner_checkpointing_gives_the_same_meta_gradient(case, mode):
     model, batch = make_model(), make_batch()
     make = {"maml": lambda: MAML(model, inner_lr=LR, inner_steps=STEPS),
             "metasgd": lambda: CASES["metasgd"](model), "maml-head-only": lambda: CASES["maml-head-only"](model)}[case]
-    plain, _ = grads_of(make().set_execution(mode), batch)
-    ckpt, metrics = grads_of(make().set_execution(mode, checkpoint=True), batch)
+    plain, _ = grads_of(Engine(make(), mode), batch)
+    ckpt, metrics = grads_of(Engine(make().set_checkpoint(True), mode), batch)
     assert set(ckpt) == set(plain)
     for n in plain:  # same arithmetic, recomputed: bit for bit on CPU
         assert torch.equal(ckpt[n], plain[n]), n
@@ -201,8 +226,8 @@ def test_inner_checkpointing_gives_the_same_meta_gradient(case, mode):
 
 def test_inner_checkpointing_is_refused_where_it_would_be_ignored():
     model = make_model()
-    with pytest.raises(MetalearnError, match="inner.checkpoint: ANIL runs its own inner loop"):
-        ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1).set_execution("auto", checkpoint=True)
+    with pytest.raises(MetalearnError, match="inner.checkpoint: ANIL does not support inner-loop checkpointing"):
+        ALGORITHMS["anil"](model, inner_lr=LR, inner_steps=1).set_checkpoint(True)
     from metalearn.inner import Adam, run_inner_loop
 
     support = Examples(make_batch().support.x[0], make_batch().support.y[0])

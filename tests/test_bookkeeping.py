@@ -88,7 +88,8 @@ def test_train_and_eval_print_the_same_result_line(sin_run, capsys):
 
     assert main(["eval", str(sin_run), "--no-progress", "--out", str(sin_run.parent / "same.json")]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line == final_line(trained) and line.startswith("test MSE: ") and "10-shot sinusoid episodes, 10 inner steps" in line
+    assert line == final_line(trained) and line.startswith("test MSE: ")
+    assert "10-shot sinusoid episodes, 10 inner steps" in line
 
 
 def test_protonet_lines_have_no_inner_steps(data_env, tmp_path, capsys):
@@ -109,7 +110,8 @@ def test_eval_takes_key_value_overrides_and_threads(sin_run, capsys):
     assert json.loads((sin_run / "eval-test-10s10q-10steps-lr0.01-seed0-2ep.json").read_text())["eval"]["threads"] == 1
     # the execution path is a runtime choice too (the sinusoid MLP runs batched by default), recorded in the result
     out = sin_run / "loop.json"
-    assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "outer.execution=loop", "--out", str(out)]) == 0
+    assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "outer.execution=loop",
+                 "--out", str(out)]) == 0
     assert json.loads(out.read_text())["eval"]["execution"] == "loop"
 
 
@@ -182,8 +184,10 @@ def test_evaluation_bar_moves_per_episode(monkeypatch):
 
     monkeypatch.setattr(evaluation, "tqdm", tqdm)
     algo = Loop()
+    from metalearn.data.benchmark import open_benchmark
+
     evaluate(algo, None, ways=1, shots=5, query_shots=5, episodes=6, seed=0, inner_steps=1, inner_lr=0.01,
-             batch_size=6, sinusoid="maml", progress=True)
+             batch_size=6, benchmark=open_benchmark(load_config(SINUSOID, [])), progress=True)
     assert seen == [1, 2, 3, 4, 5, 6] and algo.on_episode is None and bar_ref[0].n == 6
 
 
@@ -223,19 +227,15 @@ def test_learning_curve_is_drawn_after_the_evaluation_with_a_title(tmp_path, mon
 
 
 def test_pretraining_curve_title_carries_the_result(data_env, tmp_path, monkeypatch):
-    import importlib
-
-    from metalearn.transfer import summary_line
-
-    pretrain_module = importlib.import_module("metalearn.transfer.pretrain")  # the package exports a function of that name
+    from metalearn.transfer import pretrain, summary_line
 
     titles = []
-    real = pretrain_module.plot_learning_curve
-    monkeypatch.setattr(pretrain_module, "plot_learning_curve",
+    real = train_module.plot_learning_curve  # pre-training runs through train.py's loop
+    monkeypatch.setattr(train_module, "plot_learning_curve",
                         lambda rows, path, title="": titles.append(title) or real(rows, path, title=title))
     cfg = load_config(QUICK, [*OMNI_TINY, "outer.algorithm=finetune", "transfer.pretrain.steps=2",
                               "transfer.pretrain.batch_size=8", f"tracking.out_dir={tmp_path}", "tracking.name=pt"])
-    summary = pretrain_module.pretrain(cfg)
+    summary = pretrain(cfg)
     assert len(titles) == 1 and titles[0].startswith("pt: pre-training 2 steps, batch 8")
     assert titles[0].endswith(summary_line(summary["eval"]))
 
@@ -247,7 +247,8 @@ class _FakeWriter:
     made = []
 
     def __init__(self, log_dir, purge_step=None):
-        self.log_dir, self.purge_step, self.scalars, self.images, self.texts, self.closed = log_dir, purge_step, [], [], [], False
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self.scalars, self.images, self.texts, self.closed = [], [], [], False
         _FakeWriter.made.append(self)
 
     def add_scalar(self, k, v, step):
@@ -278,7 +279,8 @@ def test_tensorboard_tracker_gets_scalars_figure_and_result(tmp_path, monkeypatc
     assert ("test/mse", summary["eval"]["mean"], 3) in w.scalars
     assert w.images and w.images[0][0] == "learning_curve" and w.images[0][2] == 3 and w.images[0][3] == "HWC"
     texts = {k: t for k, t, _ in w.texts}
-    assert texts["eval/test"] == EvalResult.from_dict(summary["eval"]).summary() and '"iterations": 3' in texts["config"]
+    assert texts["eval/test"] == EvalResult.from_dict(summary["eval"]).summary()
+    assert '"iterations": 3' in texts["config"]
 
 
 def test_tensorboard_missing_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
@@ -296,7 +298,8 @@ def test_tensorboard_event_files_read_back(tmp_path):
 
     summary = train(load_config(SINUSOID, [*SIN_TINY, f"tracking.out_dir={tmp_path}", "tracking.name=tb",
                                            "tracking.tensorboard=true"]))
-    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"),
+                           size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     jsonl = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
@@ -304,7 +307,8 @@ def test_tensorboard_event_files_read_back(tmp_path):
     assert acc.Scalars("test/mse")[0].value == pytest.approx(summary["eval"]["mean"], rel=1e-6)
     assert acc.Images("learning_curve")[0].step == 3 and acc.Images("learning_curve")[0].width > 0
     texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]}
-    assert any(EvalResult.from_dict(summary["eval"]).summary() in v for k, v in texts.items() if k.startswith("eval/test"))
+    shown = EvalResult.from_dict(summary["eval"]).summary()
+    assert any(shown in v for k, v in texts.items() if k.startswith("eval/test"))
 
 
 def test_wandb_offline_run_prints_where_and_the_sync_command(tmp_path):
@@ -344,7 +348,8 @@ def test_run_json_records_versions_and_the_working_folders_commit(tmp_path):
 
     plain = tmp_path / "plain"  # not a repository: the folder only
     plain.mkdir()
-    assert run_cli("train", str(SINUSOID), *SIN_TINY, "tracking.out_dir=runs", "tracking.name=r", cwd=plain).returncode == 0
+    proc = run_cli("train", str(SINUSOID), *SIN_TINY, "tracking.out_dir=runs", "tracking.name=r", cwd=plain)
+    assert proc.returncode == 0
     run = json.loads((plain / "runs" / "r" / "run.json").read_text())
     assert run["workdir"] == {"path": str(plain.resolve())} and run["metalearn"]["version"]
 

@@ -26,7 +26,8 @@ TINY = ["model.hidden=8", "outer.meta_batch_size=2", "outer.iterations=10", "che
 def tiny(data_root, cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("METALEARN_DATA", str(data_root))
     monkeypatch.setenv("METALEARN_CACHE", str(cache_dir))
-    return lambda name, *extra: load_config(QUICK, [*TINY, f"tracking.out_dir={tmp_path}", f"tracking.name={name}", *extra])
+    return lambda name, *extra: load_config(QUICK, [*TINY, f"tracking.out_dir={tmp_path}", f"tracking.name={name}",
+                                                    *extra])
 
 
 def test_atomic_write_interrupted_keeps_the_old_file(tmp_path):
@@ -116,7 +117,8 @@ def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(t
 @pytest.mark.slow
 def test_inf_loss_before_any_checkpoint(tiny, monkeypatch):
     _inject(monkeypatch, at_step=2, what="loss")
-    with pytest.raises(MetalearnError, match=r"non-finite meta-loss \(inf\) at step 2; .*no checkpoint had been written"):
+    with pytest.raises(MetalearnError,
+                       match=r"non-finite meta-loss \(inf\) at step 2; .*no checkpoint had been written"):
         train(tiny("inf"))
 
 

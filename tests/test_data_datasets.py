@@ -235,7 +235,8 @@ def test_tiered_imagenet_truncates_to_the_smallest_class_with_a_warning(tmp_path
     pngs = pickle.load(open(tmp_path / "val_images_png.pkl", "rb"))
     row = int(np.flatnonzero(labels == 2)[0])
     expected = np.asarray(Image.open(io.BytesIO(bytes(pngs[row]))).convert("RGB"))
-    assert torch.equal(ds.images[ds.class_names.index("val-class2"), 0], torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert torch.equal(ds.images[ds.class_names.index("val-class2"), 0],
+                       torch.from_numpy(expected.copy()).permute(2, 0, 1))
     assert_episodes_leak_free(ds.images, splits, ways=5, shots=2, query_shots=3, tasks=10)
 
 
@@ -268,7 +269,8 @@ def test_image_folder_with_split_file(tmp_path):
                                       split_file=str(split_file)))
     assert ds.images.shape == (8, 4, 3, 20, 20) and ds.channels == 3
     assert splits["val"].tolist() == [3, 4]
-    assert torch.equal(ds.images[2, 1], torch.from_numpy(np.array(Image.open(root / "class2" / "1.png"))).permute(2, 0, 1))
+    expected = np.array(Image.open(root / "class2" / "1.png"))
+    assert torch.equal(ds.images[2, 1], torch.from_numpy(expected).permute(2, 0, 1))
     assert_episodes_leak_free(ds.images, splits, ways=2, shots=1, query_shots=2, tasks=10)
 
 

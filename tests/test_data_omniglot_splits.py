@@ -42,7 +42,8 @@ def test_sampled_episodes_never_cross_splits(data_root, cache_dir, split):
 
 
 def test_rotation_as_new_classes(data_root, cache_dir):
-    ds, splits = open_dataset(config(data_root, cache_dir, split="vinyals", rotation="classes", rotation_splits=["train"]))
+    ds, splits = open_dataset(config(data_root, cache_dir, split="vinyals", rotation="classes",
+                                     rotation_splits=["train"]))
     assert [len(splits[k]) for k in ("train", "val", "test")] == [4 * 1028, 172, 423]
     assert ds.images.shape == (4 * 1623, 20, 1, 28, 28) and ds.channels == 1 and ds.samples_per_class == 20
     c = int(splits["train"][0])

@@ -39,7 +39,8 @@ def test_sampler_rotates_each_class_of_a_task_alike_and_all_angles_occur():
     seen = set()
     for t in range(64):
         for label in range(5):
-            xs = torch.cat([batch.support.x[t][batch.support.y[t] == label], batch.query.x[t][batch.query.y[t] == label]])
+            xs = torch.cat([batch.support.x[t][batch.support.y[t] == label],
+                            batch.query.x[t][batch.query.y[t] == label]])
             ks = {unrotate(x)[0] for x in xs}
             assert len(ks) == 1  # one rotation per class per task
             seen |= ks

@@ -2,6 +2,7 @@
 trains on the 4x pool; a tiny run on the real mini-ImageNet sample works end to end."""
 import pytest
 
+import metalearn.data.benchmark as benchmark_module
 import metalearn.train as train_module
 from metalearn.config import load_config
 from metalearn.data import EpisodeSampler
@@ -26,7 +27,7 @@ def test_rotation_reaches_the_training_sampler(data_root, cache_dir, tmp_path, m
             made.append((images.shape[0], kwargs.get("rotate", False)))
             super().__init__(images, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "EpisodeSampler", Recording)
+    monkeypatch.setattr(benchmark_module, "EpisodeSampler", Recording)
     train_module.train(tiny(tmp_path, cache_dir, f"data.rotation={rotation}", "data.split=vinyals",
                             "data.rotation_splits=[train]"))
     assert made == [(4 * 1028 if rotation == "classes" else 1028, expect_rotate)]

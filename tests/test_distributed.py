@@ -73,7 +73,8 @@ def test_shards_are_disjoint_contiguous_and_complete(n, world):
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
     for bs in (1, 7, 50):
-        batches = [distributed.shard_batches(n, bs, distributed.Context(rank=r, world_size=world)) for r in range(world)]
+        batches = [distributed.shard_batches(n, bs, distributed.Context(rank=r, world_size=world))
+                   for r in range(world)]
         assert batches[0][0] == 0 and batches[-1][1] == n
         assert all(a[1] == b[0] and (b[0] % bs == 0 or b[0] == n) for a, b in zip(batches, batches[1:]))
 
@@ -196,7 +197,8 @@ def test_resume_with_a_different_number_of_processes(one_process, tmp_path):
 
 
 def test_reptile_and_a_too_small_meta_batch_are_refused(tmp_path):
-    proc = torchrun(2, "train", str(PRESET), "outer.algorithm=reptile", "tracking.out_dir=runs", cwd=tmp_path, timeout=120)
+    proc = torchrun(2, "train", str(PRESET), "outer.algorithm=reptile", "tracking.out_dir=runs", cwd=tmp_path,
+                    timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("metalearn: error: outer.algorithm=reptile cannot be split across processes") == 2
     assert not (tmp_path / "runs").exists()
@@ -241,7 +243,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_then_resume_with_one_p
             "eval.episodes=20", "tracking.progress=false", "checkpoint.every=0"]
     train(load_config(args[0], [*args[1:], f"tracking.out_dir={tmp_path / 'ref'}", "tracking.name=run", "threads=1"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "metalearn", "train", *args, "tracking.out_dir=two", "tracking.name=run"]
+           "--master_port", str(free_port()), "-m", "metalearn", "train", *args, "tracking.out_dir=two",
+           "tracking.name=run"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, tmp_path / "two" / "run" / "metrics.jsonl", 60)
@@ -264,7 +267,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_then_resume_with_one_p
 def _failed(*codes: int):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=c, error_file="<N/A>") for r, c in enumerate(codes)}
+    failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=c, error_file="<N/A>")
+                for r, c in enumerate(codes)}
     for r, f in failures.items():
         f.timestamp = r  # rank 0 failed first
     return ChildFailedError(name="metalearn", failures=failures)

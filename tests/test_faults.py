@@ -197,7 +197,7 @@ CASES = [
                                                            f"tracking.out_dir={tmp / 'runs'}"], {})),
     ("outer-lr-nan", "outer.lr", lambda tmp, ctx: (_train(tmp, "outer.lr=nan"), {})),
     ("inner-lr-inf", "inner.lr", lambda tmp, ctx: (_train(tmp, "inner.lr=inf"), {})),
-    ("final-lr-minus-inf", "outer.final_lr", lambda tmp, ctx: (_train(tmp, "outer.final_lr=-inf"), {})),
+    ("final-lr-minus-inf", "reptile.final_lr", lambda tmp, ctx: (_train(tmp, "reptile.final_lr=-inf"), {})),
     ("yaml-top-level-list", "top level", _yaml_list),
     ("out-dir-under-a-file", "is a file", _under_file),
     ("zero-byte-checkpoint", "not a readable", _empty_ckpt),
@@ -258,7 +258,7 @@ FLOAT_KEYS = list(_float_keys())
 
 
 def test_every_float_setting_is_found():
-    assert {"inner.lr", "outer.lr", "outer.final_lr", "eval.inner_lr", "inner.lora_alpha",
+    assert {"inner.lr", "outer.lr", "reptile.final_lr", "mamlpp.final_lr", "eval.inner_lr", "inner.lora_alpha",
             "transfer.pretrain.lr"} <= set(FLOAT_KEYS)
 
 

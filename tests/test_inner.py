@@ -106,3 +106,55 @@ def test_first_order_keeps_learnable_lr_in_graph():
     loss = F.cross_entropy(torch.func.functional_call(model, fast, (batch.query.x[0],)), batch.query.y[0])
     (g,) = torch.autograd.grad(loss, list(alpha.parameters()))
     assert g.abs().max() > 0
+
+
+@pytest.mark.parametrize("mask", [["*"], ["features.1.*", "head.*"]], ids=["all", "some"])
+@pytest.mark.parametrize("lr_kind", ["scalar", "per-element"])
+def test_adapt_over_a_task_dimension_equals_per_task_adapt(lr_kind, mask):
+    """adapt(..., tasks=T) over conv4's batched forward (float64, BatchNorm on, SGD, second order) gives
+    each task the parameters T separate adapt calls give it, and a downstream loss on them (each task's
+    query loss through the ordinary forward) has the same gradient w.r.t. theta and the learned lrs."""
+    from metalearn.inner import adapt, forward, select
+    from metalearn.inner.batched import batched_forward, batched_loss
+
+    from test_maml_gradients import STEPS, assert_close
+
+    model, batch = make_model(), make_batch()
+    params = dict(model.named_parameters())
+    names = select(list(params), mask)
+    T = batch.num_tasks
+    if lr_kind == "scalar":
+        lr, learnables = 0.3, []
+    else:
+        lr = PerElementLR(params, names, 0.3)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a different rate for every element
+            for p in lr.parameters():
+                p.mul_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+        learnables = list(lr.parameters())
+    one = lambda p, x, s: forward(model, p, x)  # noqa: E731
+    many = batched_forward(model)
+    together = adapt(lambda p, x, s: many(p, x), params, batch.support.x, batch.support.y, names=names, rule=SGD(lr),
+                     steps=STEPS, first_order=False, loss_fn=batched_loss("cross_entropy"), tasks=T).params
+    apart = [adapt(one, params, batch.support.x[t], batch.support.y[t], names=names, rule=SGD(lr), steps=STEPS,
+                   first_order=False, loss_fn=F.cross_entropy).params for t in range(T)]
+    for n, p in params.items():
+        if n in names:
+            assert together[n].shape == (T, *p.shape), n
+            assert_close({n: together[n]}, {n: torch.stack([a[n] for a in apart])}, rtol=1e-12)
+        else:  # shared, not copied: its gradient is the sum over tasks, as in the loop
+            assert together[n] is p and all(a[n] is p for a in apart), n
+
+    def downstream(task_params) -> dict:
+        loss = sum(F.cross_entropy(one(task_params(t), batch.query.x[t], 0), batch.query.y[t]) for t in range(T)) / T
+        wrt = list(params.values()) + learnables
+        return dict(zip([*params, *(f"lr.{i}" for i in range(len(learnables)))], torch.autograd.grad(loss, wrt)))
+
+    got = downstream(lambda t: {n: (together[n][t] if n in names else p) for n, p in params.items()})
+    ref = downstream(lambda t: apart[t])
+    assert_close(got, ref)
+    # the comparison is second order: the first-order inner loop gives a clearly different gradient
+    fo = [adapt(one, params, batch.support.x[t], batch.support.y[t], names=names, rule=SGD(lr), steps=STEPS,
+                first_order=True, loss_fn=F.cross_entropy).params for t in range(T)]
+    fo = downstream(lambda t: fo[t])
+    assert max((fo[k] - ref[k]).abs().max().item() for k in ref) > 1e-3 * max(ref[k].abs().max().item() for k in ref)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from metalearn.algorithms import MAML
 from metalearn.config import load_config
+from metalearn.engine import Engine
 from metalearn.errors import MetalearnError
 from metalearn.inner import forward
 from metalearn.inner.lora import LoRA, lora_targets
@@ -37,7 +38,8 @@ def test_merge_is_w_plus_scaled_low_rank_product_and_task_dimension_matches_per_
     g = torch.Generator().manual_seed(0)
     per_task = []
     for _ in range(3):
-        d = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in lora.init(params["head.weight"]).items()}
+        d = {k: torch.randn(v.shape, generator=g, dtype=torch.float64)
+             for k, v in lora.init(params["head.weight"]).items()}
         per_task.append(d)
     for d in per_task:
         m = lora.merge({**params, **d})
@@ -99,8 +101,9 @@ def lora_maml_reference(w0, batch, lora, *, lr, steps, first_order, full):
 @pytest.mark.parametrize("adapt", [["*"], ["features.3.*", "head.*"]], ids=["all", "top"])
 def test_lora_maml_meta_gradient_matches_reference(first_order, adapt):
     model, batch = make_model(), make_batch()
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt).use_lora(2, alpha=4.0, seed=3)
-    assert algo.execution_plan()[0] == "loop"
+    maml = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt)
+    algo = Engine(maml.use_lora(2, alpha=4.0, seed=3))
+    assert algo.plan()[0] == "loop"
     model.zero_grad(set_to_none=True)
     algo.meta_step(batch)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -108,7 +111,7 @@ def test_lora_maml_meta_gradient_matches_reference(first_order, adapt):
                               first_order=first_order, full=algo.lora_full)
     assert_close(got, ref)
     # and it is not plain MAML: the low-rank inner loop gives a different meta-gradient
-    plain = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt)
+    plain = Engine(MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt))
     model.zero_grad(set_to_none=True)
     plain.meta_step(batch)
     assert not torch.allclose(model.features[3].conv.weight.grad, got["features.3.conv.weight"])
@@ -117,7 +120,7 @@ def test_lora_maml_meta_gradient_matches_reference(first_order, adapt):
 def test_lora_maml_evaluation_leaves_the_model_unchanged_and_differs_from_no_adaptation():
     model, batch = make_model(), make_batch()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS).use_lora(2)
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=STEPS).use_lora(2))
     acc = algo.evaluate_batch(batch, steps=3, lr=0.4)
     assert acc.shape == (TASKS,)
     for n, p in model.named_parameters():

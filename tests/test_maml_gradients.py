@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from metalearn.algorithms import MAML
+from metalearn.engine import Engine
 from metalearn.inner import inner_loop
 from metalearn.models import Conv4
 from metalearn.types import Examples, TaskBatch
@@ -36,7 +37,7 @@ def make_model(seed=0, batchnorm=True) -> Conv4:
 
 
 def ours(model, batch, first_order, adapt=("*",)) -> dict:
-    algo = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt)
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, adapt=adapt))
     model.zero_grad(set_to_none=True)
     algo.meta_step(batch)
     return {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -5,6 +5,7 @@ import torch
 
 from metalearn.algorithms import MAML
 from metalearn.config import Config, validate
+from metalearn.engine import Engine
 from metalearn.errors import MetalearnError
 from metalearn.precision import meta_step_context, set_precision
 
@@ -15,7 +16,7 @@ def meta_gradient(precision: "str | None", steps: int = STEPS) -> torch.Tensor:
     """The float32 meta-gradient under `precision`'s context (None: no context at all)."""
     model = make_model().float()
     batch = make_batch(dtype=torch.float32)
-    algo = MAML(model, inner_lr=LR, inner_steps=steps)
+    algo = Engine(MAML(model, inner_lr=LR, inner_steps=steps))
     if precision is None:
         algo.meta_step(batch)
     else:
@@ -50,7 +51,7 @@ def test_precision_settings_are_checked():
     set_precision("bf16", torch.device("cpu"))  # allowed on CPU
     cfg = Config()
     cfg.precision = "half"
-    with pytest.raises(MetalearnError, match="precision must be fp32, tf32 or bf16"):
+    with pytest.raises(MetalearnError, match=r"precision: Invalid value 'half', expected one of \[fp32, tf32, bf16\]"):
         validate(cfg)
     cfg.precision, cfg.dtype = "bf16", "float64"
     with pytest.raises(MetalearnError, match="needs dtype=float32"):

@@ -65,7 +65,8 @@ def test_thousands_of_training_episodes_never_touch_val_or_test_classes():
     seen = set()
     for _ in range(100):  # 100 x 32 = 3200 episodes, 20 ways each
         batch = sampler.sample(32)
-        seen |= set(decode_ids(batch.support.x)[0].unique().tolist()) | set(decode_ids(batch.query.x)[0].unique().tolist())
+        seen |= set(decode_ids(batch.support.x)[0].unique().tolist())
+        seen |= set(decode_ids(batch.query.x)[0].unique().tolist())
     assert seen <= train
     assert len(seen) > 1000  # the sampler really covers the training split
 

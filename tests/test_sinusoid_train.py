@@ -58,7 +58,8 @@ def test_train_cli_learns_and_eval_cli_reproduces(tmp_path, capsys):
     # K=5 support points, 1 and 10 test-time steps: configurable, and recorded
     scores = {}
     for steps in (1, 10):
-        assert main(["eval", str(tmp_path / "trained"), "--shots", "5", "--inner-steps", str(steps), "--no-progress"]) == 0
+        assert main(["eval", str(tmp_path / "trained"), "--shots", "5", "--inner-steps", str(steps),
+                     "--no-progress"]) == 0
         name = f"eval-test-5s10q-{steps}step{'' if steps == 1 else 's'}-lr0.01-seed0-100ep.json"  # one file per setting
         saved = json.loads((tmp_path / "trained" / name).read_text())["eval"]
         assert saved["shots"] == 5 and saved["inner_steps"] == steps and saved["metric"] == "mse"
@@ -109,7 +110,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """As tests/test_checkpoint_resume.py, for sinusoid: the sampler's generator is in the checkpoint."""
     steps = 1000
     args = [str(PRESET), f"outer.iterations={steps}", "checkpoint.every=50", "tracking.log_every=1",
-            "eval.episodes=20", "tracking.progress=false", "threads=1", "model.hidden=16", f"tracking.out_dir={tmp_path}"]
+            "eval.episodes=20", "tracking.progress=false", "threads=1", "model.hidden=16",
+            f"tracking.out_dir={tmp_path}"]
     ref = subprocess.run([sys.executable, "-m", "metalearn", "train", *args, "tracking.name=ref"],
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -141,7 +143,8 @@ def test_list_shows_sinusoid_and_bench_runs_it(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "regression: sinusoid (data.split = protocol: maml, reptile; model mlp)" in out
     assert "  maml_sinusoid\n      MAML sinusoid regression" in out and "  reptile_sinusoid\n" in out
-    assert main(["bench", str(PRESET), "threads=1", "--steps", "3", "--warmup", "1", "--out", str(tmp_path / "b.json")]) == 0
+    assert main(["bench", str(PRESET), "threads=1", "--steps", "3", "--warmup", "1",
+                 "--out", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["meta_batch_size"] == 25 and result["tasks_per_s"] > 0
 

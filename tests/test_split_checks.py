@@ -12,7 +12,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -94,7 +93,8 @@ def test_mini_imagenet_csv_duplicated_line_and_image_in_two_classes(tmp_path):
     rows = clean_csv_rows()
     rows["val"].insert(2, rows["val"][0])
     write_csv_layout(tmp_path / "m", rows)
-    refused(["val.csv line 4 duplicates line 2", "'val0_0.png'"], MiniImageNet, tmp_path / "m", cache_dir=tmp_path / "c")
+    refused(["val.csv line 4 duplicates line 2", "'val0_0.png'"], MiniImageNet, tmp_path / "m",
+            cache_dir=tmp_path / "c")
     rows = clean_csv_rows()
     rows["val"].append(("val0_0.png", "val1"))
     write_csv_layout(tmp_path / "m2", rows)
@@ -169,9 +169,11 @@ def cifar_root(tmp_path_factory) -> Path:
 def test_cifar_fs_class_lists(cifar_root, tmp_path, monkeypatch):
     CifarFS(cifar_root, cache_dir=tmp_path).standard_split()  # clean: accepted
     monkeypatch.setattr(cifar, "CIFAR_FS_TEST", cifar.CIFAR_FS_TEST[:-1] + ("beaver",))  # a val class
-    refused(["class 'beaver'", "both", "CIFAR_FS_VAL", "CIFAR_FS_TEST"], CifarFS(cifar_root, cache_dir=tmp_path).standard_split)
+    refused(["class 'beaver'", "both", "CIFAR_FS_VAL", "CIFAR_FS_TEST"],
+            CifarFS(cifar_root, cache_dir=tmp_path).standard_split)
     monkeypatch.setattr(cifar, "CIFAR_FS_TEST", cifar.CIFAR_FS_TEST[:-1] + ("unicorn",))
-    refused(["CIFAR_FS_TEST", "class 'unicorn'", "not in the data"], CifarFS(cifar_root, cache_dir=tmp_path).standard_split)
+    refused(["CIFAR_FS_TEST", "class 'unicorn'", "not in the data"],
+            CifarFS(cifar_root, cache_dir=tmp_path).standard_split)
     monkeypatch.setattr(cifar, "CIFAR_FS_VAL", cifar.CIFAR_FS_VAL + ("otter",))
     refused(["CIFAR_FS_VAL", "class 'otter'", "twice"], CifarFS(cifar_root, cache_dir=tmp_path).standard_split)
 
@@ -179,7 +181,8 @@ def test_cifar_fs_class_lists(cifar_root, tmp_path, monkeypatch):
 def test_fc100_superclass_lists(cifar_root, tmp_path, monkeypatch):
     FC100(cifar_root, cache_dir=tmp_path).standard_split()
     monkeypatch.setattr(cifar, "FC100_TEST", cifar.FC100_TEST[:-1] + ("small_mammals",))  # a val superclass
-    refused(["'small_mammals'", "both", "FC100_VAL", "FC100_TEST"], FC100(cifar_root, cache_dir=tmp_path).standard_split)
+    refused(["'small_mammals'", "both", "FC100_VAL", "FC100_TEST"],
+            FC100(cifar_root, cache_dir=tmp_path).standard_split)
 
 
 def test_cifar_meta_and_empty_class(tmp_path):
@@ -318,7 +321,8 @@ def test_overlapping_split_stops_training_before_anything_is_written(tmp_path):
     write_csv_layout(tmp_path / "m", rows)
     env = {**os.environ, "METALEARN_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "metalearn", "train", str(QUICK), "data.dataset=mini-imagenet",
-                           "data.split=standard", f"data.root={tmp_path / 'm'}", f"tracking.out_dir={tmp_path / 'runs'}"],
+                           "data.split=standard", f"data.root={tmp_path / 'm'}",
+                           f"tracking.out_dir={tmp_path / 'runs'}"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -335,9 +339,12 @@ def test_data_check_command_on_generated_data(tmp_path, capsys):
             f"cache_dir={tmp_path / 'c'}"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["split", "classes", "images", "shared", "classes", "shared", "files", "identical", "images"]
-    assert out[2].split() == ["train", "3", "12", "0", "0", "1"] and out[4].split() == ["test", "2", "8", "0", "0", "1"]
-    assert "pixel-identical images across splits: 2, e.g. 'class0' image 0 (train) and 'class5' image 0 (test)" in out[5]
+    assert out[1].split() == ["split", "classes", "images", "shared", "classes", "shared", "files", "identical",
+                              "images"]
+    assert out[2].split() == ["train", "3", "12", "0", "0", "1"]
+    assert out[4].split() == ["test", "2", "8", "0", "0", "1"]
+    assert ("pixel-identical images across splits: 2, e.g. 'class0' image 0 (train) and 'class5' image 0 (test)"
+            in out[5])
     (tmp_path / "split.json").write_text(json.dumps({**CLEAN, "test": ["class5", "class0"]}))
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -362,14 +369,15 @@ def test_data_check_command_on_real_omniglot(data_root, cache_dir, omniglot, cap
 
 
 def test_evaluation_results_record_threads_and_execution_path():
+    from metalearn.algorithms import MAML
+    from metalearn.engine import Engine
+    from metalearn.models import Conv4
     from metalearn.train import eval_runtime
 
-    class Hybrid:
-        def execution_plan(self):
-            return "hybrid", "support sets batched"
-
+    hybrid = Engine(MAML(Conv4(hidden=8), inner_lr=0.1, inner_steps=1), "hybrid")
+    assert hybrid.plan() == ("hybrid", "support sets batched, query sets one task at a time")
     c = load_config(None, [])
-    assert eval_runtime(c, Hybrid()) == {"threads": torch.get_num_threads(), "execution": "hybrid"}
-    assert eval_runtime(c, object())["execution"] == "loop"  # no execution_plan: the per-task loop
+    assert eval_runtime(c, hybrid) == {"threads": torch.get_num_threads(), "execution": "hybrid"}
+    assert eval_runtime(c, object())["execution"] == "loop"  # no execution plan: the per-task loop
     c.eval.transductive = False  # each query example scored on its own: always the loop
-    assert eval_runtime(c, Hybrid())["execution"] == "loop"
+    assert eval_runtime(c, hybrid)["execution"] == "loop"

@@ -121,7 +121,8 @@ def test_wandb_offline_run_holds_config_metrics_eval_figure_and_checkpoint(data_
     run_records = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run_records, f"no run record in {runs[0]} ({runs[0].stat().st_size} bytes): record types {kinds}"
     run = run_records[0]
-    assert run.project == "ml-test" and run.run_group == "grp" and list(run.tags) == ["a", "b"] and run.display_name == "wb"
+    assert run.project == "ml-test" and run.run_group == "grp"
+    assert list(run.tags) == ["a", "b"] and run.display_name == "wb"
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["outer"]["iterations"] == 10 and config["model"]["hidden"] == 8
 

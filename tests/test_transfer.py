@@ -44,7 +44,8 @@ def images(seed=0):
 
 
 def episodes(count=6, batch_size=6, shots=2, seed=1):
-    return list(fixed_episodes(images(), 5, shots, 3, count=count, seed=seed, batch_size=batch_size, dtype=torch.float64))
+    return list(fixed_episodes(images(), 5, shots, 3, count=count, seed=seed, batch_size=batch_size,
+                               dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kw", SETTINGS.values(), ids=SETTINGS.keys())
@@ -105,7 +106,8 @@ def test_no_leakage_between_episodes(execution):
     batch = next(fixed_episodes(imgs, 5, 2, 3, count=7, seed=4, batch_size=7, dtype=torch.float64))
     rev = torch.arange(6, -1, -1)
     from metalearn.types import Examples, TaskBatch
-    flipped = TaskBatch(Examples(batch.support.x[rev], batch.support.y[rev]), Examples(batch.query.x[rev], batch.query.y[rev]),
+    flipped = TaskBatch(Examples(batch.support.x[rev], batch.support.y[rev]),
+                        Examples(batch.query.x[rev], batch.query.y[rev]),
                         batch.ways, batch.shots, batch.query_shots)
     assert ft.evaluate_batch(flipped).tolist() == whole[0][::-1]
 
@@ -139,10 +141,15 @@ def test_non_transductive_scoring_and_adapted_sizes():
     assert lora.adapted_size(5)["body_full"] == body
 
 
-def test_meta_step_and_bad_settings_are_errors():
+def test_finetune_is_an_adapter_and_bad_settings_are_errors():
+    """Fine-tuning is an evaluation-time adapter: declared not meta-trained, so there is no meta-step to run."""
+    from metalearn.algorithms.registry import capabilities
+    from metalearn.engine import Engine
+
     model = make_model()
+    assert not capabilities("finetune").meta_trained
     with pytest.raises(MetalearnError, match="not meta-trained"):
-        FineTune(model, inner_lr=0.1, inner_steps=1).meta_step(episodes()[0])
+        Engine(FineTune(model, inner_lr=0.1, inner_steps=1)).meta_step(episodes()[0])
     with pytest.raises(MetalearnError, match="blocks=5"):
         FineTune(model, inner_lr=0.1, inner_steps=1, blocks=5)
     for bad, match in [("transfer.head=knn", "transfer.head"), ("transfer.optimizer=rmsprop", "transfer.optimizer"),
@@ -217,7 +224,8 @@ def test_cli_pretrain_eval_and_ablation_share_the_initial_weights(tmp_path, omni
     assert "support accuracy" in out and (tmp_path / "cli" / "checkpoint.pt").is_file()
     assert main(["train", PRESET, *common, f"tracking.out_dir={tmp_path}", "tracking.name=via-train"]) == 0
     via_train = json.loads((tmp_path / "via-train" / "eval-test.json").read_text())["eval"]
-    assert via_train["accuracies"] == json.loads((tmp_path / "cli" / "eval-test.json").read_text())["eval"]["accuracies"]
+    via_pretrain = json.loads((tmp_path / "cli" / "eval-test.json").read_text())["eval"]
+    assert via_train["accuracies"] == via_pretrain["accuracies"]
     assert main(["eval", str(tmp_path / "cli"), "--episodes", "5", "--ways", "3", "--no-progress",
                  "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["eval"]["ways"] == 3  # a fresh head of any width
@@ -227,7 +235,8 @@ def test_cli_pretrain_eval_and_ablation_share_the_initial_weights(tmp_path, omni
 
     spec = tmp_path / "abl.yaml"
     spec.write_text(f"description: blocks\nbase: {PRESET}\n"
-                    "overrides: [" + ", ".join(common) + "]\nvary:\n  transfer.blocks: [0, 4]\n  inner.lora_rank: [0, 2]\n")
+                    "overrides: [" + ", ".join(common) + "]\n"
+                    "vary:\n  transfer.blocks: [0, 4]\n  inner.lora_rank: [0, 2]\n")
     report = run_ablation(load_ablation(spec, seeds=1, out_dir=tmp_path / "abl"), progress=False)
     inits = sorted(p.name for p in (tmp_path / "abl" / "abl").iterdir() if p.name.startswith("_init"))
     assert len(inits) == 1  # four cells, one pre-training run

@@ -13,7 +13,9 @@ Cached features (the saving that makes ANIL cheap): z_S and z_Q are computed ONC
 and every inner step runs the head alone on z_S. This is exact, not an approximation: the
 body's parameters do not change in the inner loop, so f_phi(x_S) is the same at every step;
 `cached=False` runs the whole model every step (the naive MAML-with-head-mask path) and a
-test checks that both give the same meta-gradient.
+test checks that both give the same meta-gradient. Declared for the engine: `cached_features`,
+`embed` (the body) and `head_fn` (the head); the batched path runs the body of all tasks at once
+and adapts their heads together (no hybrid path: the query pass is batched already).
 
 Requires a model of the form head(features(x).flatten(1)) with submodules `features` and
 `head` (conv4, mlp). Deviation: none beyond MAML's (see maml.py); non-transductive scoring
@@ -21,18 +23,14 @@ uses the naive path (each query is embedded together with the support set).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import replace
+from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import MetalearnError
-from ..inner import run_inner_loop
-from ..inner.batched import batched_features, batched_head, batched_inner_loop
-from ..inner.rules import LRSpec
-from ..types import Examples, Params, TaskBatch
-from .base import metric
+from ..types import Params
 from .maml import MAML
 from .registry import Capabilities, register
 
@@ -55,7 +53,10 @@ class ANIL(MAML):
         outside = [n for n in self.adapt if not n.startswith("head.")]
         if outside:
             raise MetalearnError(f"anil adapts only the head; inner.adapt also selects {', '.join(outside)}")
-        self.cached = cached
+        self.cached_features = cached
+        if not cached:  # the naive path: MAML with a head mask, run per task
+            self.capabilities = replace(self.capabilities, batchable=False)
+            self.per_task_reason = "anil with cached=False runs the naive per-task path"
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         """Body features (B, D) at `params`: features(x).flatten(1)."""
@@ -64,54 +65,3 @@ class ANIL(MAML):
     def head_fn(self, params: Params, z: Tensor, step: int) -> Tensor:
         """The head alone at `params` on features z (B, D)."""
         return functional_call(self.model.head, _sub(params, "head."), (z,), strict=False)
-
-    def adapt_head(self, params: Params, z_support: Tensor, y_support: Tensor, *, steps: Optional[int] = None,
-                   lr: Optional[float] = None, first_order: Optional[bool] = None) -> Params:
-        """Inner loop on cached support features z_support (B, D)."""
-        return run_inner_loop(self.model, params, Examples(z_support, y_support), adapt=self.adapt,
-                              lr=self.lr_spec(lr), steps=self.inner_steps if steps is None else steps,
-                              first_order=self.first_order if first_order is None else first_order,
-                              loss_fn=self.loss_fn, forward_fn=self.head_fn).params
-
-    def task_loss(self, params: Params, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor]:
-        if not self.cached:
-            return super().task_loss(params, batch, i)
-        z_s = self.embed(params, batch.support.x[i])
-        z_q = self.embed(params, batch.query.x[i])
-        fast = self.adapt_head(params, z_s, batch.support.y[i])
-        out = self.head_fn(fast, z_q, 0)
-        return self.loss_fn(out, batch.query.y[i]), out
-
-    # --- batched execution: body features of all tasks at once, then the heads adapted together ---------
-    def _batched_support(self) -> "tuple[bool, str]":
-        if not self.cached:
-            return False, "anil with cached=False runs the naive per-task path"
-        if getattr(self, "lora", None) is not None:
-            return False, "LoRA inner loop runs per task"
-        if batched_features(self.model) is None:
-            return False, f"no batched forward for model {type(self.model).__name__}"
-        return True, ""
-
-    def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: LRSpec,
-                               first_order: bool) -> Tensor:
-        features, head = batched_features(self.model), batched_head(self.model)
-        z_s, z_q = features(params, batch.support.x[sl]), features(params, batch.query.x[sl])  # (Tc, B, D)
-        fast = batched_inner_loop(head, params, z_s, batch.support.y[sl], adapt=self.adapt, lr=lr, steps=steps,
-                                  first_order=first_order, loss=self.loss, num_tasks=z_s.shape[0])
-        return head(fast, z_q)
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
-                       transductive: bool = True) -> Tensor:
-        if transductive and self._batched():
-            return self._batched_evaluate(batch, self.inner_steps if steps is None else steps, lr)
-        if not (self.cached and transductive):
-            return super().evaluate_batch(batch, steps=steps, lr=lr, transductive=transductive)
-        params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
-        out = []
-        for i in range(batch.num_tasks):
-            z_s, z_q = self.embed(params, batch.support.x[i]), self.embed(params, batch.query.x[i])
-            fast = self.adapt_head(params, z_s, batch.support.y[i], steps=steps, lr=lr, first_order=True)
-            out.append(metric(self.head_fn(fast, z_q, 0), batch.query.y[i], self.loss))
-            self.episode_done()
-        return torch.stack(out).cpu()

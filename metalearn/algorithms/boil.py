@@ -36,4 +36,5 @@ class BOIL(MAML):
                          adapt=adapt, loss=loss)
         head = [n for n in self.adapt if n.startswith("head.")]
         if head:
-            raise MetalearnError(f"boil keeps the head fixed in the inner loop (lr 0); inner.adapt selects {', '.join(head)}")
+            raise MetalearnError("boil keeps the head fixed in the inner loop (lr 0); "
+                                 f"inner.adapt selects {', '.join(head)}")

@@ -30,8 +30,9 @@ Two execution paths (`execution`):
            (tests/test_transfer.py, float64).
   auto     batched where available, else loop.
 
-Not meta-trained: `meta_step` is an error; weights come from `metalearn pretrain`
-(metalearn/transfer/pretrain.py), a MAML run, or any checkpoint.
+Not meta-trained: an evaluation-time adapter (capabilities.meta_trained is False; it has no
+`meta_step`); weights come from `metalearn pretrain` (metalearn/transfer/pretrain.py, the same
+training loop with a supervised step), a MAML run, or any checkpoint.
 """
 from __future__ import annotations
 
@@ -81,10 +82,9 @@ class WeightDecay:
 @register("finetune")
 class FineTune(MetaLearner):
     capabilities = Capabilities(meta_trained=False, shardable=False, test_ways_may_differ=True, lora=True,
-                                own_lr_schedule=True)
+                                regression=False, own_lr_schedule=True)
     """Transfer-learning baseline evaluated like a meta-learner (`evaluate_batch`)."""
 
-    learns_inner_lr = False
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, blocks: int = 0,
                  head: str = "linear", cosine_scale: float = 10.0, head_init: str = "random", head_seed: int = 0,
@@ -197,15 +197,17 @@ class FineTune(MetaLearner):
         """Fine-tuned params of one episode (x (B, ...), y (B,)), from the pre-trained weights and a fresh head."""
         base = self._base()
         with torch.no_grad():
-            z0 = self.embed(base, support.x) if self.head_init == "prototype" else support.x.new_zeros(1, self.feature_dim())
-        params = {**base, **self.fresh_head(z0, support.y, ways, episode_generator(support.x, support.y, self.head_seed))}
+            z0 = (self.embed(base, support.x) if self.head_init == "prototype"
+                  else support.x.new_zeros(1, self.feature_dim()))
+        gen = episode_generator(support.x, support.y, self.head_seed)
+        params = {**base, **self.fresh_head(z0, support.y, ways, gen)}
         if self.lora:
             params.update(self.lora.init(support.x))
         adapt = self.adapted_names()
         for n in adapt:
             params[n] = params[n].detach().clone().requires_grad_(True)
-        res = run_inner_loop(self.model, params, support, adapt=adapt, steps=steps, rule=self.rule(lr), first_order=True,
-                             loss_fn=self.loss_fn, forward_fn=lambda p, x, s: self.predict(p, x))
+        res = run_inner_loop(self.model, params, support, adapt=adapt, steps=steps, rule=self.rule(lr),
+                             first_order=True, loss_fn=self.loss_fn, forward_fn=lambda p, x, s: self.predict(p, x))
         return {n: p.detach() for n, p in res.params.items()}
 
     def feature_dim(self) -> int:
@@ -276,10 +278,12 @@ class FineTune(MetaLearner):
             params[n] = params[n].detach().clone().requires_grad_(True)
 
         def loss_fn(out: Tensor, y: Tensor) -> Tensor:  # sum over episodes of each episode's mean loss
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(y.shape).mean(1).sum()
+            per_example = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+            return per_example.view(y.shape).mean(1).sum()
 
         res = run_inner_loop(self.model, params, Examples(hs, sy), adapt=adapt, steps=steps, rule=self.rule(lr),
-                             first_order=True, loss_fn=loss_fn, forward_fn=lambda p, h, s: self._batched_predict(p, h, T))
+                             first_order=True, loss_fn=loss_fn,
+                             forward_fn=lambda p, h, s: self._batched_predict(p, h, T))
         return {n: p.detach() for n, p in res.params.items()}, hs, hq
 
     def _batched_evaluate(self, batch: TaskBatch, steps: int, lr: float) -> "tuple[Tensor, Tensor]":
@@ -291,10 +295,6 @@ class FineTune(MetaLearner):
         return q, s
 
     # --- the entry points -------------------------------------------------------------------------
-    def meta_step(self, batch: TaskBatch) -> Dict[str, float]:
-        raise MetalearnError("finetune is not meta-trained: pre-train with `metalearn pretrain CONFIG` "
-                             "(or `metalearn train` with outer.algorithm=finetune)")
-
     @torch.no_grad()
     def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
                        transductive: bool = True) -> Tensor:

@@ -19,7 +19,8 @@ conv4 with max-pooling on Omniglot (the paper's Omniglot net uses strided convol
 BatchNorm always uses the batch statistics (as in the paper's code). Only the parameters
 matched by `adapt` move in the inner loop; the others are shared as in ANIL.
 
-Execution: see `GradientMetaLearner` (per-task loop, one task's graph in memory at a time).
+Declared for the engine (metalearn/engine.py): SGD inner rule with a scalar lr, every parameter
+adapted unless `adapt` says otherwise; loop, batched and hybrid execution, LoRA, inner checkpointing.
 """
 from __future__ import annotations
 

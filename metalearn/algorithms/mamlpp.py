@@ -25,6 +25,7 @@ scalar eval.inner_lr is ignored); steps beyond S at test time reuse step S-1's l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -32,10 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MetalearnError
-from ..inner import PerStepLR, forward, run_inner_loop
+from ..inner import PerStepLR, forward
 from ..inner.rules import LRSpec
-from ..types import Params, TaskBatch
-from .base import metric
+from ..types import Params
 from .maml import MAML
 from .registry import Capabilities, register
 
@@ -54,8 +54,7 @@ def msl_weights(steps: int, step: int, msl_iterations: int) -> Optional[List[flo
 
 @register("mamlpp")
 class MAMLPlusPlus(MAML):
-    capabilities = Capabilities(own_lr_schedule=True, learns_inner_lr=True)
-    learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
+    capabilities = Capabilities(own_lr_schedule=True, learns_inner_lr=True)  # per task: the loop only
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy", msl_iterations: int = 0,
@@ -72,8 +71,8 @@ class MAMLPlusPlus(MAML):
 
     @classmethod
     def config_kwargs(cls, cfg) -> dict:
-        return dict(super().config_kwargs(cfg), msl_iterations=cfg.outer.msl_iterations,
-                    first_order_until=cfg.outer.first_order_until, final_lr=cfg.outer.final_lr or 0.0)
+        return dict(super().config_kwargs(cfg), msl_iterations=cfg.mamlpp.msl_iterations,
+                    first_order_until=cfg.mamlpp.first_order_until, final_lr=cfg.mamlpp.final_lr)
 
     # --- schedules ------------------------------------------------------------------------------
     def outer_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
@@ -102,49 +101,24 @@ class MAMLPlusPlus(MAML):
             return forward(self.model, params, x, step=step, stats=stats)
         return forward(self.model, params, x)
 
-    def task_loss(self, params: Params, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor]:
-        S = self.inner_steps
-        weights = msl_weights(S, self.step, self.msl_iterations)
-        res = run_inner_loop(self.model, params, batch.support.task(i), adapt=self.adapt, lr=self.lrs, steps=S,
-                             first_order=self.current_first_order(), loss_fn=self.loss_fn,
-                             forward_fn=self.forward_fn, trajectory=weights is not None)
-        qx, qy = batch.query.x[i], batch.query.y[i]
-        if weights is None:
-            out = self.forward_fn(res.params, qx, S - 1)
-            return self.loss_fn(out, qy), out
-        loss, out = 0.0, None
-        for s, (w, fast) in enumerate(zip(weights, res.trajectory)):
-            out = self.forward_fn(fast, qx, s)
-            loss = loss + w * self.loss_fn(out, qy)
-        return loss, out
+    def query_weights(self) -> Optional[List[float]]:
+        """MSL: the per-step query-loss weights at the current outer step (None once annealed)."""
+        return msl_weights(self.inner_steps, self.step, self.msl_iterations)
 
-    @torch.no_grad()
-    def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
-                       transductive: bool = True) -> Tensor:
-        """Query accuracy (or MSE) per task, (T,) float64. transductive=False with per-step BatchNorm
-        normalises with the per-step running statistics (inductive); without it, each query example
-        is scored with the support set (see base.scored)."""
-        if not (self.per_step and not transductive):
-            was = self.model.training
-            self.model.eval()  # no running-statistics updates while evaluating
-            try:
-                return super().evaluate_batch(batch, steps=steps, lr=lr, transductive=transductive)
-            finally:
-                self.model.train(was)
-        steps = self.inner_steps if steps is None else steps
+    def eval_forward(self, transductive: bool):
+        """Inductive evaluation with per-step BatchNorm uses the per-step running statistics, the query
+        set scored as one batch; otherwise MAML's (transductive, or each query example with the support set)."""
+        if self.per_step and not transductive:
+            return (lambda p, x, s: self.forward_fn(p, x, s, stats="running")), True
+        return self.forward_fn, transductive
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """No running-statistics updates while evaluating (model.eval())."""
         was = self.model.training
         self.model.eval()
         try:
-            params = {n: p.detach().requires_grad_(n in self.adapt) for n, p in self.params().items()}
-            fwd = lambda p, x, s: self.forward_fn(p, x, s, stats="running")  # noqa: E731
-            out = []
-            for i in range(batch.num_tasks):
-                fast = run_inner_loop(self.model, params, batch.support.task(i), adapt=self.adapt, lr=self.lrs,
-                                      steps=steps, first_order=True, loss_fn=self.loss_fn, forward_fn=fwd).params
-                pred = fwd({n: p.detach() for n, p in fast.items()}, batch.query.x[i], steps - 1)
-                out.append(metric(pred, batch.query.y[i], self.loss))
-                self.episode_done()
-            return torch.stack(out).cpu()
+            yield
         finally:
             self.model.train(was)
 

@@ -35,7 +35,6 @@ from .registry import Capabilities, register
 @register("metasgd")
 class MetaSGD(MAML):
     capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, learns_inner_lr=True)
-    learns_inner_lr = True  # evaluation adapts with the learned lrs; eval.inner_lr does not apply
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):

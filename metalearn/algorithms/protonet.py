@@ -45,8 +45,7 @@ def prototype_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways
 
 @register("protonet")
 class ProtoNet(MetaLearner):
-    capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True)
-    has_inner_loop = False
+    capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True, regression=False)
 
     def __init__(self, model: nn.Module, *, loss: str = "cross_entropy", **_ignored):
         if loss != "cross_entropy":

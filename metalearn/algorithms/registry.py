@@ -41,6 +41,8 @@ class Capabilities:
     """Anneals its own outer lr (reptile, mamlpp): outer.lr_halve_every does not apply."""
     learns_inner_lr: bool = False
     """Its inner lrs are learned (metasgd, mamlpp): eval.inner_lr does not apply."""
+    regression: bool = True
+    """Works with a regression loss (sinusoid, MSE); False for classifiers (prototypes, a fresh N-way head)."""
 
 
 ALGORITHMS: Dict[str, Type[Any]] = {}

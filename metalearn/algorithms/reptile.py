@@ -57,7 +57,7 @@ class Reptile(MetaLearner):
     def from_config(cls, cfg, model: nn.Module, loss: str = "cross_entropy") -> "Reptile":
         cls.check_config(cfg)
         return cls(model, inner_lr=cfg.inner.lr, inner_steps=cfg.inner.steps, adapt=cls.configured_adapt(cfg),
-                   final_lr=cfg.outer.final_lr or 0.0, loss=loss)
+                   final_lr=cfg.reptile.final_lr, loss=loss)
 
     # --- outer loop ---------------------------------------------------------------------------
     def outer_optimizer(self, params, lr: float) -> torch.optim.Optimizer:

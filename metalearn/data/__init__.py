@@ -70,7 +70,8 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
         raise MetalearnError(f"unknown data set {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
     splits = SPLITS[cfg.dataset]
     if cfg.split not in splits:
-        raise MetalearnError(f"data.split: unknown split {cfg.split!r} for {cfg.dataset}; known: {', '.join(sorted(splits))}")
+        raise MetalearnError(f"data.split: unknown split {cfg.split!r} for {cfg.dataset}; "
+                             f"known: {', '.join(sorted(splits))}")
     root, cache = data_root(cfg.dataset, cfg.root), cfg.cache_dir or None
     if cfg.dataset == "folder":
         ds = ImageFolder(root, image_size=cfg.image_size, cache_dir=cache, split_file=getattr(cfg, "split_file", ""))
@@ -84,7 +85,9 @@ def open_dataset(cfg) -> "tuple[ImageDataset | Omniglot | RotatedClasses, dict]"
     return ds, split
 
 
-__all__ = ["DATASETS", "REGRESSION", "SINUSOID_PROTOCOLS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100", "ImageDataset", "ImageFolder", "MiniImageNet",
-           "Omniglot", "RotatedClasses", "SinusoidSampler", "TieredImageNet", "check_class_lists", "check_disjoint",
-           "check_episode_fits", "data_root", "format_report", "split_report", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes", "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split",
-           "omniglot_vinyals_split", "open_dataset", "safe_extract", "seeded_split"]
+__all__ = ["DATASETS", "REGRESSION", "SINUSOID_PROTOCOLS", "SPLITS", "CifarFS", "EpisodeSampler", "FC100",
+           "ImageDataset", "ImageFolder", "MiniImageNet", "Omniglot", "RotatedClasses", "SinusoidSampler",
+           "TieredImageNet", "check_class_lists", "check_disjoint", "check_episode_fits", "data_root", "format_report",
+           "split_report", "download_cifar100", "download_omniglot", "fetch", "fixed_episodes",
+           "fixed_sinusoid_episodes", "omniglot_lake_split", "omniglot_maml_split", "omniglot_vinyals_split",
+           "open_dataset", "safe_extract", "seeded_split"]

@@ -32,6 +32,14 @@ from .._io import atomic_torch_save
 from ..errors import MetalearnError
 
 
+def looks_like_html(path: str | Path) -> bool:
+    """True if the file starts (after whitespace / a BOM) with an HTML or XML tag: a login, quota or error
+    page saved in place of a data file (used by the downloads and by the readers' error messages)."""
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--"))
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("METALEARN_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "metalearn"
@@ -111,7 +119,8 @@ class ImageDataset(CachedImages):
         self.image_size = int(image_size)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         if not self.root.exists():
-            raise MetalearnError(f"{self.name}: data folder {self.root} does not exist (set METALEARN_DATA or data.root)")
+            raise MetalearnError(f"{self.name}: data folder {self.root} does not exist "
+                                 f"(set METALEARN_DATA or data.root)")
         names, counts = self._index()
         if not names:
             raise MetalearnError(f"{self.name}: no classes found under {self.root}")
@@ -149,7 +158,8 @@ class ImageDataset(CachedImages):
         images = torch.empty(len(per_class), P, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
         for i, arr in enumerate(per_class):
             if len(arr) < P:
-                raise MetalearnError(f"{self.name}: class {self.class_names[i]!r} decoded {len(arr)} images, expected >= {P}")
+                raise MetalearnError(f"{self.name}: class {self.class_names[i]!r} decoded {len(arr)} images, "
+                                     f"expected >= {P}")
             images[i] = resize_uint8(to_nchw(arr[:P], self.channels, f"{self.name} class {self.class_names[i]!r}"),
                                      self.image_size)
         return images
@@ -180,7 +190,8 @@ def is_cache_file(path: Path, stale: str) -> bool:
         blob = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except Exception:
         return False
-    return isinstance(blob, dict) and set(blob) == {"class_names", "images"} and isinstance(blob["images"], torch.Tensor)
+    return (isinstance(blob, dict) and set(blob) == {"class_names", "images"}
+            and isinstance(blob["images"], torch.Tensor))
 
 
 def write_cache(path: Path, class_names: Sequence[str], images: torch.Tensor, stale: str) -> None:
@@ -196,7 +207,8 @@ def write_cache(path: Path, class_names: Sequence[str], images: torch.Tensor, st
 
 
 def split_by_names(dataset_name: str, class_names: Sequence[str], members: Dict[str, Sequence[str]],
-                   sources: "Dict[str, object] | None" = None, counts: "Sequence[int] | None" = None) -> Dict[str, torch.Tensor]:
+                   sources: "Dict[str, object] | None" = None,
+                   counts: "Sequence[int] | None" = None) -> Dict[str, torch.Tensor]:
     """split name -> class names  =>  split name -> sorted int64 indices into class_names. Checks
     (metalearn/data/checks.py) that no class is listed twice, in two splits, missing from the data or
     (with `counts`, per class_names entry) without images; errors name `sources[split]`, the listing file."""

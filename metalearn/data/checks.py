@@ -47,7 +47,8 @@ def check_class_lists(dataset: str, lists: Mapping[str, Sequence[str]], sources:
             if name in where:
                 first = where[name]
                 if str(sources[first]) == str(src):
-                    raise MetalearnError(f"{dataset}: {src}: class {name!r} is in both the {first} and the {split} split")
+                    raise MetalearnError(f"{dataset}: {src}: class {name!r} is in both the {first} "
+                                         f"and the {split} split")
                 raise MetalearnError(f"{dataset}: class {name!r} is in both the {first} split ({sources[first]}) "
                                      f"and the {split} split ({src})")
             where[name] = split

@@ -59,7 +59,8 @@ class _Cifar100(ImageDataset):
             except (KeyError, TypeError, ValueError) as e:
                 raise MetalearnError(f"{self.name}: {folder / part} is not a CIFAR-100 python pickle ({e})") from None
             if len(fine[-1]) != len(data[-1]):
-                raise MetalearnError(f"{self.name}: {folder / part} has {len(data[-1])} images but {len(fine[-1])} labels")
+                raise MetalearnError(f"{self.name}: {folder / part} has {len(data[-1])} images "
+                                     f"but {len(fine[-1])} labels")
         data, fine, coarse = np.concatenate(data), np.concatenate(fine), np.concatenate(coarse)
         if fine.size and (fine.max() >= len(self._fine_names) or coarse.max() >= len(self._coarse_names)):
             raise MetalearnError(f"{self.name}: labels exceed the names in {folder / 'meta'}")
@@ -86,8 +87,8 @@ class _Cifar100(ImageDataset):
 def _sized(ds, splits: Dict[str, torch.Tensor], sizes) -> Dict[str, torch.Tensor]:
     got = tuple(len(splits[k]) for k in ("train", "val", "test"))
     if got != tuple(sizes):
-        raise MetalearnError(f"{ds.name}: the standard split has {sizes[0]}/{sizes[1]}/{sizes[2]} train/val/test classes, "
-                             f"this CIFAR-100 copy gives {got[0]}/{got[1]}/{got[2]}")
+        raise MetalearnError(f"{ds.name}: the standard split has {sizes[0]}/{sizes[1]}/{sizes[2]} "
+                             f"train/val/test classes, this CIFAR-100 copy gives {got[0]}/{got[1]}/{got[2]}")
     return splits
 
 

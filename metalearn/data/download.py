@@ -22,19 +22,14 @@ from pathlib import Path, PurePosixPath
 from typing import Dict, Optional
 
 from ..errors import MetalearnError
+from .base import looks_like_html
+from .omniglot import verify_zip
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 OMNIGLOT_FILES = {"images_background.zip": "md5:68d2efa1b9178cc56df9314c21c6e718",
                   "images_evaluation.zip": "md5:6b91aef0f799c5bb55b94e3f2daec811"}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/"
 CIFAR100_FILES = {"cifar-100-python.tar.gz": "md5:eb9058c3a382ffc7106e4002c42a8d85"}
-
-
-def looks_like_html(path: str | Path) -> bool:
-    """True if the file starts (after whitespace / a BOM) with an HTML or XML tag."""
-    with open(path, "rb") as f:
-        head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--"))
 
 
 def fetch(url: str, folder: str | Path, fname: str, known_hash: Optional[str]) -> Path:
@@ -51,7 +46,8 @@ def fetch(url: str, folder: str | Path, fname: str, known_hash: Optional[str]) -
         pooch.retrieve(url, known_hash=None, fname=tmp_name, path=folder, progressbar=False)
     except Exception as e:  # requests' HTTPError / ConnectionError, OSError, ...
         tmp.unlink(missing_ok=True)
-        raise MetalearnError(f"download of {url} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise MetalearnError(f"download of {url} failed: {type(e).__name__}: {first_line}") from None
     try:
         if looks_like_html(tmp):
             raise MetalearnError(f"download of {url} returned an HTML page, not {fname} "
@@ -93,7 +89,8 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
                 for info in zf.infolist():
                     _check_member(info.filename, tmp, archive)
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                        raise MetalearnError(f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive")
+                        raise MetalearnError(f"{archive}: member {info.filename!r} is a symbolic link; "
+                                             f"refusing the archive")
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
@@ -117,17 +114,6 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
     return target
 
 
-def _verify_omniglot_zip(path: Path, part: str) -> None:
-    from .omniglot import DRAWINGS, _list_part, _Part
-
-    expected = {"images_background": 964, "images_evaluation": 659}[part]
-    chars = _list_part(_Part(part, path, True))
-    bad = [k for k, v in chars.items() if len(v) != DRAWINGS]
-    if len(chars) != expected or bad:
-        raise MetalearnError(f"omniglot: {path} holds {len(chars)} characters (expected {expected})"
-                             + (f"; {bad[0]} has {len(chars[bad[0]])} drawings, expected {DRAWINGS}" if bad else ""))
-
-
 def download_omniglot(root: str | Path, base_url: str = OMNIGLOT_URL,
                       files: Optional[Dict[str, str]] = None, verify_structure: bool = True) -> Path:
     """Fetch the two official Omniglot zips into root (md5-verified); keep user-supplied ones
@@ -138,7 +124,7 @@ def download_omniglot(root: str | Path, base_url: str = OMNIGLOT_URL,
         if not path.is_file():
             fetch(base_url.rstrip("/") + "/" + fname, root, fname, known_hash)
         if verify_structure:
-            _verify_omniglot_zip(path, fname[: -len(".zip")])
+            verify_zip(path, fname[: -len(".zip")])
     return root
 
 

@@ -72,7 +72,8 @@ class ImageFolder(ImageDataset):
 
     def standard_split(self) -> Dict[str, torch.Tensor]:
         if self.split_file is None:
-            raise MetalearnError("folder: set data.split_file to a JSON file {\"train\": [...], \"val\": [...], \"test\": [...]}")
+            raise MetalearnError("folder: set data.split_file to a JSON file "
+                                 "{\"train\": [...], \"val\": [...], \"test\": [...]}")
         try:
             text = self.split_file.read_text()
             spec = json.loads(text, object_pairs_hook=lambda pairs: _no_repeated_keys(pairs, self.split_file))

@@ -86,7 +86,8 @@ class MiniImageNet(ImageDataset):
             for split, fname in PICKLE_FILES.items():
                 blob = load_pickle(self.root / fname, "mini-imagenet")
                 if not isinstance(blob, dict) or "image_data" not in blob or "class_dict" not in blob:
-                    raise MetalearnError(f"mini-imagenet: {self.root / fname} is not a dict with 'image_data' and 'class_dict'")
+                    raise MetalearnError(f"mini-imagenet: {self.root / fname} is not a dict "
+                                         f"with 'image_data' and 'class_dict'")
                 data = np.asarray(blob["image_data"])
                 self._split_of[split] = list(blob["class_dict"])
                 owner: Dict[int, str] = {}  # row -> the class that lists it

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from ..errors import MetalearnError
-from .base import CachedImages, default_cache_dir
+from .base import CachedImages, default_cache_dir, looks_like_html
 
 PARTS = ("images_background", "images_evaluation")
+PART_CHARACTERS = {"images_background": 964, "images_evaluation": 659}
 DRAWINGS = 20
 CHARACTERS = 1623
 URL = "https://github.com/brendenlake/omniglot/tree/master/python"
@@ -67,8 +68,6 @@ def _list_part(part: _Part) -> Dict[str, List[str]]:
             with zipfile.ZipFile(part.path) as zf:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as e:
-            from .download import looks_like_html
-
             if part.path.is_file() and looks_like_html(part.path):
                 raise MetalearnError(f"omniglot: {part.path} is an HTML page, not a zip file (a failed download? "
                                      f"get {part.name}.zip from {URL})") from None
@@ -89,6 +88,17 @@ def _list_part(part: _Part) -> Dict[str, List[str]]:
     if not chars:
         raise MetalearnError(f"omniglot: {part.path} holds no {part.name}/<Alphabet>/<character>/*.png drawings")
     return {k: sorted(v) for k, v in sorted(chars.items())}
+
+
+def verify_zip(path: Path, part: str) -> None:
+    """Check an official zip's structure (used for an archive the user supplied instead of downloading):
+    `part` ('images_background' / 'images_evaluation') with its 964 / 659 characters of 20 drawings."""
+    expected = PART_CHARACTERS[part]
+    chars = _list_part(_Part(part, path, True))
+    bad = [k for k, v in chars.items() if len(v) != DRAWINGS]
+    if len(chars) != expected or bad:
+        raise MetalearnError(f"omniglot: {path} holds {len(chars)} characters (expected {expected})"
+                             + (f"; {bad[0]} has {len(chars[bad[0]])} drawings, expected {DRAWINGS}" if bad else ""))
 
 
 def _fingerprint(parts: Sequence[_Part], image_size: int) -> str:
@@ -157,7 +167,8 @@ class Omniglot(CachedImages):
         for part in self._parts:
             for key, files in _list_part(part).items():
                 if len(files) != DRAWINGS:
-                    raise MetalearnError(f"omniglot: {key} in {part.path} has {len(files)} drawings, expected {DRAWINGS}")
+                    raise MetalearnError(f"omniglot: {key} in {part.path} has {len(files)} drawings, "
+                                         f"expected {DRAWINGS}")
                 self._members[key] = files
                 self._part_of[key] = part
         self.class_names: List[str] = sorted(self._members)

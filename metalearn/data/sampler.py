@@ -105,7 +105,8 @@ class EpisodeSampler:
         dev, g = self.images.device, self.generator
         # top-N of iid uniforms: N distinct classes, uniformly chosen, in uniformly random order
         classes = torch.rand(num_tasks, C, device=dev, generator=g).topk(self.ways, dim=-1).indices
-        samples = torch.rand(num_tasks, self.ways, P, device=dev, generator=g).argsort(-1)[..., : self.shots + self.query_shots]
+        samples = torch.rand(num_tasks, self.ways, P, device=dev, generator=g).argsort(-1)
+        samples = samples[..., : self.shots + self.query_shots]
         turns = (torch.randint(0, 4, (num_tasks, self.ways), device=dev, generator=g) if self.rotate else None)
         if part is not None:
             classes, samples, turns = classes[part], samples[part], (turns[part] if turns is not None else None)

@@ -71,7 +71,8 @@ class SinusoidSampler:
         g, dev, dt = self.generator, self.device, self.dtype
         self.last_amplitude = _uniform((num_tasks,), *self.amplitude_range, g, dev, dt)
         self.last_phase = _uniform((num_tasks,), *self.phase_range, g, dev, dt)
-        batch = _make_batch(self.last_amplitude, self.last_phase, self.shots, self.query_shots, g, dev, dt, self.x_range)
+        batch = _make_batch(self.last_amplitude, self.last_phase, self.shots, self.query_shots, g, dev, dt,
+                            self.x_range)
         if part is None:
             return batch
         self.last_amplitude, self.last_phase = self.last_amplitude[part], self.last_phase[part]

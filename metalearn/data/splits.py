@@ -66,7 +66,8 @@ def _named_split(class_names: Sequence[str], assign, what: str, sizes: Sequence[
     got = [len(out[k]) for k in ("train", "val", "test")]
     if got != list(sizes):
         raise MetalearnError(f"{what}: expected {sizes[0]}/{sizes[1]}/{sizes[2]} train/val/test classes, "
-                             f"found {got[0]}/{got[1]}/{got[2]} (are all 1623 characters present with their official names?)")
+                             f"found {got[0]}/{got[1]}/{got[2]} "
+                             f"(are all 1623 characters present with their official names?)")
     splits = {k: torch.tensor(v, dtype=torch.int64) for k, v in out.items()}
     check_disjoint(splits)
     return splits

@@ -11,8 +11,9 @@ the model runs once for all tasks:
              backward is PyTorch's ordinary (exact) one, unlike batch norm under torch.func.vmap
     linear   torch.baddbmm(b (T, 1, N), z (T, B, D), W^T (T, D, N))
 
-The inner loss is the sum over tasks of each task's mean loss, so one autograd.grad call gives
-every task its own gradient (task t's loss depends only on task t's parameters), and
+The inner loop is the reference's own (`metalearn.inner.adapt(..., tasks=T)`): its loss is the sum
+over tasks of each task's mean loss (`batched_loss`), so one autograd.grad call gives every task
+its own gradient (task t's loss depends only on task t's parameters), and the rule's step, e.g.
 
     theta_t^{s+1} = theta_t^s - lr(n, s) * g_t^s       (lr: float, per-tensor or per-element spec)
 
@@ -27,22 +28,16 @@ returns None for anything else and callers fall back to the loop.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..types import Params
-from .loop import checkpointed
-from .rules import LRSpec, lr_of
+from .loop import task_dim as _task
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
-
-
-def _task(p: Tensor, shape: torch.Size, T: int) -> Tensor:
-    """A parameter as (T, *shape): per-task tensors pass through, a shared one is broadcast."""
-    return p if p.dim() == len(shape) + 1 else p.expand(T, *shape)
 
 
 def _linear(params: Params, name: str, mod: nn.Linear, z: Tensor) -> Tensor:
@@ -128,6 +123,11 @@ def task_losses(out: Tensor, y: Tensor, loss: str) -> Tensor:
     raise ValueError(f"unknown loss {loss!r}")
 
 
+def batched_loss(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The support loss of `adapt(..., tasks=T)`: the sum over tasks of each task's mean loss."""
+    return lambda out, y: task_losses(out, y, loss).sum()
+
+
 def task_metrics(out: Tensor, y: Tensor, loss: str) -> Tensor:
     """Each task's accuracy (classification) or MSE (regression): (T,) float64."""
     if loss == "mse":
@@ -135,27 +135,5 @@ def task_metrics(out: Tensor, y: Tensor, loss: str) -> Tensor:
     return (out.argmax(-1) == y).double().mean(1)
 
 
-def batched_inner_loop(fwd: BatchedForward, params: Params, x: Tensor, y: Tensor, *, adapt: Sequence[str],
-                       lr: LRSpec, steps: int, first_order: bool, loss: str, num_tasks: int,
-                       checkpoint: bool = False) -> Params:
-    """`steps` SGD steps for all tasks at once on support sets x (T, B, ...), y (T, B, ...).
-
-    params: name -> shared tensor; the adapted names come back with a task dimension (T, *shape),
-    the others unchanged. lr(n, s) may be a float, a scalar tensor or a tensor of the parameter's
-    shape (Meta-SGD); it is shared by all tasks. checkpoint: as in run_inner_loop.
-    """
-    fast = dict(params)
-    with torch.enable_grad():
-        for n in adapt:
-            fast[n] = _task(params[n], params[n].shape, num_tasks)
-        for s in range(steps):
-            def step(fast: Params, s: int = s) -> Params:
-                total = task_losses(fwd(fast, x), y, loss).sum()  # task t's loss depends on task t's params only
-                grads = torch.autograd.grad(total, [fast[n] for n in adapt], create_graph=not first_order)
-                return {**fast, **{n: fast[n] - lr_of(lr, n, s) * g for n, g in zip(adapt, grads)}}
-
-            fast = checkpointed(step, fast, list(adapt)) if checkpoint and not first_order else step(fast)
-    return fast
-
-
-__all__ = ["BatchedForward", "batched_features", "batched_forward", "batched_head", "batched_inner_loop", "task_losses", "task_metrics"]
+__all__ = ["BatchedForward", "batched_features", "batched_forward", "batched_head", "batched_loss", "task_losses",
+           "task_metrics"]

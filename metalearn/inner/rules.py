@@ -52,8 +52,8 @@ class PerStepLR(_LRTable):
                  device: Optional[torch.device] = None):
         super().__init__()
         self.steps = steps
-        self.lrs = nn.ParameterDict({_key(n): nn.Parameter(torch.full((steps,), float(init), dtype=dtype, device=device))
-                                     for n in names})
+        self.lrs = nn.ParameterDict({
+            _key(n): nn.Parameter(torch.full((steps,), float(init), dtype=dtype, device=device)) for n in names})
 
     def forward(self, name: str, step: int) -> Tensor:
         return self.lrs[_key(name)][min(step, self.steps - 1)]

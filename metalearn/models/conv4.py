@@ -74,7 +74,8 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28,
                  batchnorm: bool = True):
         super().__init__()
-        self.features = nn.Sequential(*[ConvBlock(in_channels if i == 0 else hidden, hidden, batchnorm) for i in range(4)])
+        self.features = nn.Sequential(*[ConvBlock(in_channels if i == 0 else hidden, hidden, batchnorm)
+                                        for i in range(4)])
         self.head = nn.Linear(flat_features(hidden, image_size), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, H, W) -> logits (B, num_classes)

@@ -69,7 +69,8 @@ class Conv4PerStep(nn.Module):
         super().__init__()
         if not batchnorm:
             raise ValueError("conv4_perstep is conv4 with per-step BatchNorm; use conv4 for a model without BatchNorm")
-        self.features = nn.ModuleList([PerStepBlock(in_channels if i == 0 else hidden, hidden, steps) for i in range(4)])
+        self.features = nn.ModuleList([PerStepBlock(in_channels if i == 0 else hidden, hidden, steps)
+                                       for i in range(4)])
         self.head = nn.Linear(flat_features(hidden, image_size), num_classes)
 
     def forward(self, x: Tensor, step: int = 0, stats: str = "batch") -> Tensor:

@@ -4,7 +4,9 @@ layers with a fresh head (full or LoRA), evaluated on the same fixed episodes as
     pretrain(cfg)       metalearn/transfer/pretrain.py (`metalearn pretrain CONFIG`)
     run_transfer(cfg)   metalearn/transfer/run.py: initial weights (pretrain / maml / a checkpoint),
                         then fine-tuning evaluation (what `metalearn ablate` runs for outer.algorithm=finetune)
-The fine-tuning algorithm itself is metalearn/algorithms/finetune.py (`finetune` in ALGORITHMS).
+The fine-tuning itself is metalearn/algorithms/finetune.py: an evaluation-time adapter (`finetune` in the
+registry, capabilities().meta_trained False), never meta-trained. Pre-training runs through meta-training's
+loop (metalearn/train.py) with a supervised step.
 """
 from .pretrain import finetune_eval, pretrain, summary_line
 from .run import initial_checkpoint, load_initial_model, run_transfer

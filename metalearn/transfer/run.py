@@ -30,7 +30,9 @@ from ..checkpoint import CHECKPOINT_NAME, git_info, load_checkpoint
 from ..config import Config, from_dict, to_dict
 from ..errors import MetalearnError
 from ..models import build_model
-from .pretrain import check_pretrain_data, finetune_eval, pretrain
+from ..runfolder import run_record
+from ..train import resolve_device, seed_everything, train
+from .pretrain import check_pretrain_data, finetune_eval, finetuner, pretrain
 
 _EPISODE_FIELDS = ("ways", "shots", "query_shots")
 
@@ -77,8 +79,6 @@ def initial_checkpoint(cfg: Config, *, progress: bool = True) -> Path:
         sub.eval.val_every = 0  # the shared weights must not depend on any cell's fine-tuning settings
         summary = pretrain(sub, resume=resume, final_eval=False)
     else:
-        from ..train import train
-
         sub.outer.algorithm, sub.inner.lora_rank, sub.inner.lora_alpha = "maml", 0, 0.0
         sub.eval.inner_steps = sub.eval.inner_lr = None  # MAML's own evaluation: its training inner loop
         summary = train(sub, resume=resume)
@@ -90,8 +90,6 @@ def initial_checkpoint(cfg: Config, *, progress: bool = True) -> Path:
 
 def load_initial_model(cfg: Config, ckpt_path: Path, channels: int) -> "tuple[torch.nn.Module, Dict[str, Any]]":
     """The checkpoint's model (its own model config and head size) on cfg's device and dtype."""
-    from ..train import resolve_device
-
     ckpt = load_checkpoint(ckpt_path)
     saved = from_dict(ckpt["config"])
     state = ckpt["model"]
@@ -105,11 +103,10 @@ def load_initial_model(cfg: Config, ckpt_path: Path, channels: int) -> "tuple[to
     return model.to(device=resolve_device(cfg.device), dtype=getattr(torch, cfg.dtype)), ckpt
 
 
-def run_transfer(cfg: Config, *, resume: bool = False, share_init: bool = True, progress: bool = True) -> Dict[str, Any]:
+def run_transfer(cfg: Config, *, resume: bool = False, share_init: bool = True,
+                 progress: bool = True) -> Dict[str, Any]:
     """Initial weights (shared, see module doc), then fine-tuning on the fixed eval.split episodes.
     Returns a summary like `train`'s; "eval" also has support_mean / support_ci95 / adapted_parameters."""
-    from ..train import seed_everything
-
     if cfg.transfer.init == "pretrain" and not share_init:
         return pretrain(cfg, resume=resume)
     cfg = copy.deepcopy(cfg)
@@ -121,22 +118,19 @@ def run_transfer(cfg: Config, *, resume: bool = False, share_init: bool = True, 
         if not resume:
             raise MetalearnError(f"run folder {out} already holds a run; choose another tracking.name")
         return json.loads(finished.read_text())
-    ds, splits = check_pretrain_data(cfg, pretraining=cfg.transfer.init == "pretrain")
-    from .pretrain import finetuner
-
+    benchmark = check_pretrain_data(cfg, pretraining=cfg.transfer.init == "pretrain")
     if cfg.transfer.init in ("pretrain", "maml"):  # bad fine-tuning settings stop before any training
-        finetuner(cfg, build_model(cfg.model, ds.channels, 2, cfg.data.image_size))
+        finetuner(cfg, build_model(cfg.model, benchmark.channels, 2, cfg.data.image_size))
     ckpt_path = initial_checkpoint(cfg, progress=progress)
     seed_everything(cfg.seed)
-    model, ckpt = load_initial_model(cfg, ckpt_path, ds.channels)
+    model, ckpt = load_initial_model(cfg, ckpt_path, benchmark.channels)
     finetuner(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))), mode="w")
-    atomic_json({"git": git_info(), "argv": sys.argv, "torch": torch.__version__, "started": datetime.now().isoformat(),
-                 "kind": "finetune", "init": str(ckpt_path)}, out / "run.json")
-    device = next(model.parameters()).device
-    images = ds.images.to(device)[splits[cfg.eval.split].to(device)]
-    ev = finetune_eval(cfg, model, images, cfg.eval.split, cfg.eval.episodes, progress=cfg.tracking.progress and progress)
+    atomic_json(run_record(git_info(), kind="finetune", init=str(ckpt_path)), out / "run.json")
+    benchmark.load(next(model.parameters()).device)
+    ev = finetune_eval(cfg, model, benchmark, cfg.eval.split, cfg.eval.episodes,
+                       progress=cfg.tracking.progress and progress)
     done = ckpt_path.parent / "init-done.json"
     seconds = json.loads(done.read_text())["train_seconds"] if done.is_file() else None
     summary = {"run_dir": str(out), "interrupted": None, "step": ckpt["step"], "train_seconds": seconds,
