@@ -172,16 +172,8 @@ def run_evaluation(cfg: Any, algorithm, split: str, episodes: int, *, benchmark:
                     transductive=cfg.eval.transductive, benchmark=benchmark)
 
 
-def _plan(algorithm) -> "tuple[str, str]":
-    """(execution path, why) of `algorithm`'s meta-step and transductive evaluation. Until every algorithm
-    declares execution_plan() (the engine), the per-task loop of those that do not."""
-    if hasattr(algorithm, "execution_plan"):
-        return algorithm.execution_plan()
-    return "loop", "the algorithm's own per-task loop"
-
-
 def eval_runtime(cfg: Any, algorithm) -> Dict[str, Any]:
     """Torch's thread count and the execution path of an evaluation, saved with its result: the same
     checkpoint and episodes give bit-identical accuracies only with the same threads, path and device."""
-    plan = _plan(algorithm)[0] if cfg.eval.transductive else "loop"
+    plan = algorithm.execution_plan()[0] if cfg.eval.transductive else "loop"
     return {"threads": torch.get_num_threads(), "execution": plan}

@@ -378,6 +378,8 @@ def test_evaluation_results_record_threads_and_execution_path():
     assert hybrid.plan() == ("hybrid", "support sets batched, query sets one task at a time")
     c = load_config(None, [])
     assert eval_runtime(c, hybrid) == {"threads": torch.get_num_threads(), "execution": "hybrid"}
-    assert eval_runtime(c, object())["execution"] == "loop"  # no execution plan: the per-task loop
+    from metalearn.algorithms import ProtoNet
+
+    assert eval_runtime(c, Engine(ProtoNet(Conv4(hidden=8)), "hybrid"))["execution"] == "loop"  # its own per-task step
     c.eval.transductive = False  # each query example scored on its own: always the loop
     assert eval_runtime(c, hybrid)["execution"] == "loop"
