@@ -47,12 +47,19 @@ def prototype_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways
 class ProtoNet(MetaLearner):
     capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True, regression=False)
 
+    label = "protonet"  # in error messages
+
     def __init__(self, model: nn.Module, *, loss: str = "cross_entropy", **_ignored):
         if loss != "cross_entropy":
-            raise MetalearnError("protonet classifies: it needs a classification data set (loss cross_entropy)")
+            raise MetalearnError(f"{self.label} classifies: it needs a classification data set (loss cross_entropy)")
         super().__init__(model, loss=loss)
         if not hasattr(model, "features"):
-            raise MetalearnError("protonet needs a model with a `features` submodule (conv4)")
+            raise MetalearnError(f"{self.label} needs a model with a `features` submodule (conv4)")
+
+    def logits(self, z_support: Tensor, y_support: Tensor, z_query: Tensor, ways: int) -> Tensor:
+        """Query logits (Q, N) from support and query embeddings: here -squared distances to the prototypes
+        (subclasses put another head on the same embedding: R2-D2's ridge regression)."""
+        return prototype_logits(z_support, y_support, z_query, ways)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         """(B, ...) -> (B, D) body features. On a CPU, images go in channels-last (as the hybrid path's
@@ -67,8 +74,8 @@ class ProtoNet(MetaLearner):
         params = self.params()
         total_loss, total_metric, T = 0.0, 0.0, batch.num_tasks
         for i in range(T):
-            logits = prototype_logits(self.embed(params, batch.support.x[i]), batch.support.y[i],
-                                      self.embed(params, batch.query.x[i]), batch.ways)
+            logits = self.logits(self.embed(params, batch.support.x[i]), batch.support.y[i],
+                                 self.embed(params, batch.query.x[i]), batch.ways)
             loss = F.cross_entropy(logits, batch.query.y[i])
             (loss / T).backward()
             total_loss += loss.item()
@@ -84,7 +91,7 @@ class ProtoNet(MetaLearner):
         for i in range(batch.num_tasks):
             z_s = self.embed(params, batch.support.x[i])
             z_q = scored(lambda x: self.embed(params, x), batch.support.x[i], batch.query.x[i], transductive)
-            logits = prototype_logits(z_s, batch.support.y[i], z_q, batch.ways)
+            logits = self.logits(z_s, batch.support.y[i], z_q, batch.ways)
             out.append(metric(logits, batch.query.y[i], self.loss))
             self.episode_done()
         return torch.stack(out).cpu()

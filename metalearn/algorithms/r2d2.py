@@ -50,17 +50,14 @@ features concatenated, dropout); training episodes with a fixed number of shots 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..errors import MetalearnError
-from ..inner.layout import channels_last
-from ..types import Params, TaskBatch
-from .base import MetaLearner, metric, scored
+from .protonet import ProtoNet
 from .registry import Capabilities, register
 
 HEADS = ("r2d2", "metaoptnet_rr")
@@ -96,16 +93,15 @@ def ridge_logits(z_support: Tensor, y_support: Tensor, z_query: Tensor, ways: in
 
 
 @register("r2d2")
-class R2D2(MetaLearner):
+class R2D2(ProtoNet):
+    """ProtoNet's embedding, episode loop and evaluation with a closed-form ridge head (`logits`)."""
+
+    label = "r2d2"
     capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True, regression=False)
 
     def __init__(self, model: nn.Module, *, head: str = "r2d2", lam: float = 1.0, learn_lam: bool = True,
                  scale: float = 1.0, loss: str = "cross_entropy"):
-        if loss != "cross_entropy":
-            raise MetalearnError("r2d2 classifies: it needs a classification data set (loss cross_entropy)")
-        super().__init__(model, loss=loss)
-        if not hasattr(model, "features"):
-            raise MetalearnError("r2d2 needs a model with a `features` submodule (conv4)")
+        super().__init__(model, loss=loss)  # a classifier with a `features` body
         if head not in HEADS:
             raise MetalearnError(f"r2d2.head must be one of {', '.join(HEADS)}, got {head!r}")
         if not (math.isfinite(lam) and lam > 0):
@@ -133,14 +129,6 @@ class R2D2(MetaLearner):
         return self.log_lam.exp()
 
     # --- the head ----------------------------------------------------------------------------------
-    def embed(self, params: Params, x: Tensor) -> Tensor:
-        """(B, ...) -> (B, d) body features (as ProtoNet's: channels-last images on a CPU, where max-pooling
-        runs several times faster)."""
-        body = {n[len("features."):]: p for n, p in params.items() if n.startswith("features.")}
-        if x.device.type == "cpu" and x.dim() == 4:
-            x = channels_last(x)
-        return functional_call(self.model.features, body, (x,), strict=False).flatten(1)
-
     def logits(self, z_support: Tensor, y_support: Tensor, z_query: Tensor, ways: int) -> Tensor:
         """The ridge head's query logits (Q, N), in the learnables' dtype and outside autocast."""
         dtype = self.alpha.dtype
@@ -149,33 +137,6 @@ class R2D2(MetaLearner):
                                 alpha=self.alpha, beta=self.beta, head=self.head)
 
     # --- outer loop -------------------------------------------------------------------------------
-    def meta_step(self, batch: TaskBatch) -> Dict[str, float]:
-        """Accumulate the gradient of (1/T) sum_i CE(query logits_i) into `.grad` (model and learnables)."""
-        params = self.params()
-        total_loss, total_metric, T = 0.0, 0.0, batch.num_tasks
-        for i in range(T):
-            logits = self.logits(self.embed(params, batch.support.x[i]), batch.support.y[i],
-                                 self.embed(params, batch.query.x[i]), batch.ways)
-            loss = F.cross_entropy(logits, batch.query.y[i])
-            (loss / T).backward()
-            total_loss += loss.item()
-            total_metric += metric(logits.detach(), batch.query.y[i], self.loss).item()
-        return {"loss": total_loss / T, "accuracy": total_metric / T}
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: TaskBatch, *, steps: Optional[int] = None, lr: Optional[float] = None,
-                       transductive: bool = True) -> Tensor:
-        """Query accuracy per task, (T,) float64; `steps` and `lr` do not apply (no inner loop)."""
-        params = {n: p.detach() for n, p in self.params().items()}
-        out = []
-        for i in range(batch.num_tasks):
-            z_s = self.embed(params, batch.support.x[i])
-            z_q = scored(lambda x: self.embed(params, x), batch.support.x[i], batch.query.x[i], transductive)
-            out.append(metric(self.logits(z_s, batch.support.y[i], z_q, batch.ways), batch.query.y[i], self.loss))
-            self.episode_done()
-        return torch.stack(out).cpu()
-
-    # --- learnables -------------------------------------------------------------------------------
     def meta_parameters(self) -> List[nn.Parameter]:
         """[alpha, beta, log lam], less those that stay fixed (beta for metaoptnet_rr; log lam unless learn_lam)."""
         return [p for p in (self.alpha, self.beta, self.log_lam) if p.requires_grad]
