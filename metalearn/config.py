@@ -134,6 +134,11 @@ class Augment(Choice):
     flip = "flip"
 
 
+class EpisodeSet(Choice):
+    support = "support"
+    query = "query"
+
+
 EXECUTIONS = Execution.values()  # outer.execution (metalearn/algorithms/base.py)
 PRECISIONS = Precision.values()  # precision (metalearn/precision.py)
 
@@ -167,6 +172,10 @@ class DataConfig:
     """K: labelled support examples per class."""
     query_shots: int = 15
     """Q: query examples per class, used for the outer loss and for scoring."""
+    augment: List[Augment] = field(default_factory=list)
+    """Augmentations of meta-training episodes, by name (metalearn/data/augment.py), applied in order."""
+    augment_sets: List[EpisodeSet] = field(default_factory=lambda: [EpisodeSet.support, EpisodeSet.query])
+    """Which sets of a meta-training episode data.augment applies to: `support`, `query`."""
 
 
 @dataclass
@@ -180,6 +189,8 @@ class ModelConfig:
     """`transductive`: BatchNorm always uses the current batch's statistics (MAML's setting); `none`: no BatchNorm."""
     bn_steps: int = 1
     """conv4_perstep (MAML++): rows of per-step BatchNorm weights, biases and running statistics; set to inner.steps."""
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the model's constructor (e.g. ResNet-12's options, or your own model's)."""
 
 
 @dataclass
@@ -237,6 +248,9 @@ class OuterConfig:
     """batched/hybrid execution: adapt at most this many tasks at once, accumulating gradients (bounds
     memory; same result up to float rounding); 0 = the whole meta-batch (hybrid on CPU: chunks whose
     first-layer activations stay under 16 MB)."""
+    compile: bool = False
+    """Compile the meta-step with torch.compile (opt-in; minutes of compilation, cached); refused where
+    the compiled meta-gradient does not match the eager one (metalearn/compiled.py)."""
 
 
 @dataclass
