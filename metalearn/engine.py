@@ -17,33 +17,39 @@ them against each other and tests/reference.py in float64 to 1e-10, BatchNorm on
   loop     the reference: one task after another; each task's query loss / T is backpropagated
            before the next task is adapted, so memory holds one task's graph at a time.
   batched  all tasks (or `task_chunk` at a time) adapted at once with a task dimension: the inner
-           loop is the same `metalearn.inner.adapt` with tasks=T over a batched model
-           (metalearn/inner/batched.py: grouped convolutions, batched matmuls), so per-operator
-           overhead is paid once per chunk instead of once per task.
+           loop is the same `metalearn.inner.adapt` with tasks=T over the model run on all tasks at
+           once (metalearn/inner/batched.py): `torch.func.vmap` over tasks of the algorithm's own
+           forward, for any nn.Module, or a hand-written twin (grouped convolutions, batched
+           matmuls) for conv4 and the MLP where that is measured faster; per-operator overhead is
+           paid once per chunk instead of once per task.
   hybrid   support sets adapted batched (as above), then each task's query loss differentiated on
            its own at detached adapted parameters theta'_t with ordinary convolutions on
            channels-last images (CPU), and the stacked query gradients pushed back through the
            batched support graph in one backward: (d L_q / d theta) = (d theta' / d theta)^T d L_q / d theta'.
            The small support passes lose their per-task overhead, the large query passes keep the
            loop's cache locality.
-  auto     on CUDA: batched; on a CPU: batched for the MLP, hybrid for conv4 (measured fastest,
-           benchmarks/results/meta_step_cpu.json); the loop where neither applies.
+  auto     on CUDA: batched; on a CPU: batched for the MLP, hybrid for image models (measured
+           fastest, benchmarks/results/meta_step_cpu.json); the loop where neither applies.
 
 Algorithms with their own per-task step (Reptile's parameter difference, ProtoNet's prototypes,
 the fine-tuning adapter) run as they are: their plan is always the loop.
-(No torch.func.vmap: vmap through BatchNorm's kernel gives a wrong second-order meta-gradient.)
+
+BatchNorm in every path follows metalearn/inner/norm.py: batch statistics, running statistics never
+read or written (so no episode depends on the ones before it); under vmap it runs in a form whose
+second derivatives are exact. Evaluation runs the model in eval mode (Dropout and DropBlock off).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .algorithms.base import GradientMetaLearner, metric, scored
+from .algorithms.base import GradientMetaLearner, scored
 from .errors import MetalearnError
 from .inner import adapt
-from .inner.batched import batched_features, batched_forward, batched_head, batched_loss, task_losses, task_metrics
+from .inner.batched import BatchedForward, batched_features, batched_forward, batched_head, task_vmap
 from .inner.layout import channels_last
 from .types import Params, TaskBatch
 
@@ -60,16 +66,18 @@ class Engine:
     """An algorithm, executed: per-task loop, batched or hybrid (see the module docstring).
 
     execution: auto | loop | batched | hybrid; task_chunk: tasks adapted at once by batched/hybrid
-    (0 = all; hybrid on a CPU: chunks sized to keep activations in glibc's heap). A mode the algorithm
-    or model cannot run is refused here, with the reason.
+    (0 = all; hybrid on a CPU: chunks sized to keep activations in glibc's heap); twin: run conv4 and
+    the MLP through their hand-written batched twins (False: through vmap like any other model; the
+    two agree to float rounding, tests/test_generic_batched.py). A mode the algorithm cannot run is
+    refused here, with the reason.
     """
 
-    def __init__(self, algorithm: Any, execution: str = "auto", task_chunk: int = 0):
+    def __init__(self, algorithm: Any, execution: str = "auto", task_chunk: int = 0, twin: bool = True):
         if execution not in EXECUTIONS:
             raise MetalearnError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         if task_chunk < 0:
             raise MetalearnError(f"task_chunk must be >= 0, got {task_chunk}")
-        self.algorithm, self.execution, self.task_chunk = algorithm, execution, task_chunk
+        self.algorithm, self.execution, self.task_chunk, self.twin = algorithm, execution, task_chunk, twin
         self._on_episode: Optional[Callable[[], None]] = None
         if execution in ("batched", "hybrid") and isinstance(algorithm, GradientMetaLearner):
             ok, why = self._hybrid_support() if execution == "hybrid" else self._batched_support()
@@ -124,9 +132,6 @@ class Engine:
             return False, getattr(algo, "per_task_reason", f"{name} runs per task (it declares no batched path)")
         if algo.lora is not None:
             return False, "LoRA inner loop (use_lora) runs per task"
-        found = batched_features(algo.model) if algo.cached_features else batched_forward(algo.model)
-        if found is None:
-            return False, f"no batched forward for model {type(algo.model).__name__}"
         return True, ""
 
     def _hybrid_support(self) -> "tuple[bool, str]":
@@ -139,8 +144,9 @@ class Engine:
         """("loop" | "batched" | "hybrid", a one-line reason) for the current `execution` setting.
 
         auto picks batched on CUDA; on CPU batched for the MLP (one small MLP per task is all
-        per-operator overhead) and hybrid for conv4, whose large query passes run faster one task
-        at a time with their activations in cache (benchmarks/results/meta_step_cpu.json).
+        per-operator overhead) and hybrid for image models (conv4, ResNet-12, your own), whose large
+        query passes run faster one task at a time with their activations in cache
+        (benchmarks/results/meta_step_cpu.json).
         """
         algo = self.algorithm
         if not isinstance(algo, GradientMetaLearner):
@@ -173,8 +179,8 @@ class Engine:
         if self.task_chunk or batch.support.x.device.type != "cpu" or batch.support.x.dim() < 5:
             return self._chunks(T)
         model = self.algorithm.model
-        first = getattr(getattr(model, "features", [None])[0], "conv", None)
-        width = first.out_channels if isinstance(first, nn.Conv2d) else batch.support.x.shape[2]
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        width = first.out_channels if first is not None else batch.support.x.shape[2]
         per_task = batch.support.x[0].numel() // batch.support.x.shape[2] * width
         return self._chunks(T, max(1, min(T, HYBRID_CHUNK_ELEMENTS // max(per_task, 1))))
 
@@ -202,8 +208,13 @@ class Engine:
                        transductive: bool = True) -> Tensor:
         """Query accuracy (or MSE) of each task after adapting on its support set: (T,) float64."""
         algo = self.algorithm
-        if not isinstance(algo, GradientMetaLearner):
-            return algo.evaluate_batch(batch, steps=steps, lr=lr, transductive=transductive)
+        with _eval_mode(algo.model):
+            if not isinstance(algo, GradientMetaLearner):
+                return algo.evaluate_batch(batch, steps=steps, lr=lr, transductive=transductive)
+            return self._evaluate(batch, steps, lr, transductive)
+
+    def _evaluate(self, batch: TaskBatch, steps: Optional[int], lr: Optional[float], transductive: bool) -> Tensor:
+        algo = self.algorithm
         steps = algo.inner_steps if steps is None else steps
         mode = self.plan()[0] if transductive else "loop"
         with algo.evaluating():
@@ -261,7 +272,7 @@ class Engine:
             loss, out = self._task_loss(algo.task_params(params), batch, i)
             (loss / T).backward()
             total_loss += loss.item()
-            total_metric += metric(out.detach(), batch.query.y[i], algo.loss).item()
+            total_metric += algo.score(out.detach(), batch.query.y[i]).item()
         return {"loss": total_loss / T, algo.metric_name: total_metric / T}
 
     def _loop_evaluate(self, batch: TaskBatch, steps: int, lr: Optional[float], transductive: bool) -> Tensor:
@@ -273,7 +284,7 @@ class Engine:
                 z_s, z_q = algo.embed(params, batch.support.x[i]), algo.embed(params, batch.query.x[i])
                 fast = adapt(algo.head_fn, params, z_s, batch.support.y[i], names=algo.adapt, rule=algo.rule(lr),
                              steps=steps, first_order=True, loss_fn=algo.loss_fn).params
-                out.append(metric(algo.head_fn(fast, z_q, 0), batch.query.y[i], algo.loss))
+                out.append(algo.score(algo.head_fn(fast, z_q, 0), batch.query.y[i]))
                 self._episode_done()
             return torch.stack(out).cpu()
         fwd, as_batch = algo.eval_forward(transductive)
@@ -282,35 +293,59 @@ class Engine:
                                     lr=lr, first_order=True, forward_fn=fwd).params
             fast = {n: p.detach() for n, p in fast.items()}
             pred = scored(lambda x: fwd(fast, x, max(steps - 1, 0)), batch.support.x[i], batch.query.x[i], as_batch)
-            out.append(metric(pred, batch.query.y[i], algo.loss))
+            out.append(algo.score(pred, batch.query.y[i]))
             self._episode_done()
         return torch.stack(out).cpu()
 
     # --- batched: all tasks of a chunk at once -----------------------------------------------------
+    def _twin(self) -> Optional[BatchedForward]:
+        """conv4's or the MLP's hand-written batched forward, when it applies (the algorithm's forward is the
+        model's own and `twin` is on), else None."""
+        algo = self.algorithm
+        return batched_forward(algo.model) if self.twin and algo.plain_forward else None
+
+    def tasks_forward(self) -> Callable[[Params, Tensor, int], Tensor]:
+        """fn(params, x (T, B, ...), step) -> outputs (T, B, ...): the algorithm's forward on all tasks at once,
+        the adapted parameters (Tc, *shape), the others shared (the hand-written twin or vmap)."""
+        algo = self.algorithm
+        twin = self._twin()
+        if twin is not None:
+            return lambda p, x, s: twin(p, x)
+        per_task = frozenset(algo.adapt)
+        return lambda p, x, s: _vmapped(lambda p_, x_: algo.forward_fn(p_, x_, s), per_task, algo.model)(p, x)
+
     def _adapt_tasks(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: Optional[float],
                      first_order: bool) -> Params:
         """Tasks `sl` adapted together on their support sets: the adapted names come back as (Tc, *shape),
         the others shared."""
         algo = self.algorithm
         x = batch.support.x[sl]
-        fwd = batched_forward(algo.model)
-        return adapt(lambda p, x_, s: fwd(p, x_), params, x, batch.support.y[sl], names=algo.adapt,
-                     rule=algo.rule(lr), steps=steps, first_order=first_order, loss_fn=batched_loss(algo.loss),
+        return adapt(self.tasks_forward(), algo.task_params(params), x, batch.support.y[sl], names=algo.adapt,
+                     rule=algo.rule(lr), steps=steps, first_order=first_order, loss_fn=algo.summed_task_loss,
                      tasks=x.shape[0], checkpoint=algo.inner_checkpoint).params
+
+    def _features_and_head(self) -> "tuple[BatchedForward, BatchedForward]":
+        """ANIL: (body on all tasks, shared parameters) and (head on all tasks, per-task head parameters)."""
+        algo = self.algorithm
+        if self.twin and batched_features(algo.model) is not None:
+            return batched_features(algo.model), batched_head(algo.model)
+        features = _vmapped(algo.embed, frozenset(), algo.model)
+        head = _vmapped(lambda p, z: algo.head_fn(p, z, 0), frozenset(algo.adapt), algo.model)
+        return features, head
 
     def _batched_query_outputs(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int,
                                lr: Optional[float], first_order: bool) -> Tensor:
         """Query outputs (Tc, Q, ...) of tasks `sl`, each adapted on its support set, all at once."""
         algo = self.algorithm
         if algo.cached_features:  # ANIL: body features of all tasks at once, then the heads adapted together
-            features, head = batched_features(algo.model), batched_head(algo.model)
+            features, head = self._features_and_head()
             z_s, z_q = features(params, batch.support.x[sl]), features(params, batch.query.x[sl])  # (Tc, B, D)
             fast = adapt(lambda p, z, s: head(p, z), params, z_s, batch.support.y[sl], names=algo.adapt,
-                         rule=algo.rule(lr), steps=steps, first_order=first_order, loss_fn=batched_loss(algo.loss),
+                         rule=algo.rule(lr), steps=steps, first_order=first_order, loss_fn=algo.summed_task_loss,
                          tasks=z_s.shape[0]).params
             return head(fast, z_q)
         fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=first_order)
-        return batched_forward(algo.model)(fast, batch.query.x[sl])
+        return self.tasks_forward()(fast, batch.query.x[sl], max(steps - 1, 0))
 
     def _batched_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
         algo = self.algorithm
@@ -319,17 +354,17 @@ class Engine:
         for sl in self._chunks(T):
             out = self._batched_query_outputs(params, batch, sl, steps=algo.inner_steps, lr=None,
                                               first_order=algo.current_first_order())
-            loss = task_losses(out, batch.query.y[sl], algo.loss)  # (Tc,)
+            loss = algo.task_losses(out, batch.query.y[sl])  # (Tc,)
             (loss.sum() / T).backward()
             losses.append(loss.detach())
-            metrics.append(task_metrics(out.detach(), batch.query.y[sl], algo.loss))
+            metrics.append(algo.task_scores(out.detach(), batch.query.y[sl]))
         return {"loss": torch.cat(losses).double().mean().item(), algo.metric_name: torch.cat(metrics).mean().item()}
 
     def _batched_evaluate(self, batch: TaskBatch, steps: int, lr: Optional[float]) -> Tensor:
         algo = self.algorithm
         params = {n: p.detach().requires_grad_(n in algo.adapt) for n, p in algo.params().items()}
-        out = [task_metrics(self._batched_query_outputs(params, batch, sl, steps=steps, lr=lr,
-                                                        first_order=True).detach(), batch.query.y[sl], algo.loss)
+        out = [algo.task_scores(self._batched_query_outputs(params, batch, sl, steps=steps, lr=lr,
+                                                            first_order=True).detach(), batch.query.y[sl])
                for sl in self._chunks(batch.num_tasks)]
         return torch.cat(out).cpu()
 
@@ -350,14 +385,14 @@ class Engine:
             vjp = {n: torch.zeros_like(fast[n]) for n in names}
             for j, i in enumerate(range(sl.start, sl.stop)):
                 leaves = {n: fast[n][j].detach().requires_grad_() for n in algo.adapt}
-                out = algo.forward_fn({**params, **leaves}, query_x[i], last)
+                out = algo.forward_fn({**fast, **leaves}, query_x[i], last)
                 loss = algo.loss_fn(out, batch.query.y[i])
                 (loss / T).backward()  # shared (non-adapted) parameters get their direct gradient here
                 for n in names:
                     if leaves[n].grad is not None:
                         vjp[n][j] = leaves[n].grad
                 total_loss += loss.item()
-                total_metric += metric(out.detach(), batch.query.y[i], algo.loss).item()
+                total_metric += algo.score(out.detach(), batch.query.y[i]).item()
             if names:  # through the support graph: theta, and learnables such as Meta-SGD's alpha
                 torch.autograd.backward([fast[n] for n in names], [vjp[n] for n in names])
         return {"loss": total_loss / T, algo.metric_name: total_metric / T}
@@ -369,16 +404,46 @@ class Engine:
         for sl in self._hybrid_chunks(batch):
             fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=True)
             for j, i in enumerate(range(sl.start, sl.stop)):
-                task = {**params, **{n: fast[n][j].detach() for n in algo.adapt}}
-                out.append(metric(algo.forward_fn(task, query_x[i], last), batch.query.y[i], algo.loss))
+                task = {**fast, **{n: fast[n][j].detach() for n in algo.adapt}}
+                out.append(algo.score(algo.forward_fn(task, query_x[i], last), batch.query.y[i]))
         return torch.stack(out).cpu()
 
 
-def execute(algorithm: Any, execution: str = "auto", task_chunk: int = 0) -> Engine:
-    """`Engine(algorithm, execution, task_chunk)`; an Engine passed in gets its settings replaced."""
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """model.eval() inside (Dropout and DropBlock off; BatchNorm still uses batch statistics, see
+    metalearn/inner/norm.py), each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _vmapped(fn: Callable[[Params, Tensor], Tensor], per_task: "frozenset[str]", model: nn.Module) -> BatchedForward:
+    """task_vmap(fn, per_task), with a model that vmap cannot run refused in one line (not a C++ trace)."""
+    run = task_vmap(fn, per_task)
+
+    def call(params: Params, x: Tensor) -> Tensor:
+        try:
+            return run(params, x)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "vmap" not in str(e) and "batching rule" not in str(e).lower() and "Batched" not in str(e):
+                raise
+            raise MetalearnError(f"the batched path (torch.func.vmap over tasks) cannot run model "
+                                 f"{type(model).__name__}: {first}; use outer.execution=loop") from e
+
+    return call
+
+
+def execute(algorithm: Any, execution: str = "auto", task_chunk: int = 0, twin: bool = True) -> Engine:
+    """`Engine(algorithm, execution, task_chunk, twin)`; an Engine passed in gets its settings replaced."""
     if isinstance(algorithm, Engine):
         algorithm = algorithm.algorithm
-    return Engine(algorithm, execution, task_chunk)
+    return Engine(algorithm, execution, task_chunk, twin)
 
 
 __all__ = ["EXECUTIONS", "Engine", "execute"]

@@ -27,10 +27,11 @@ from dataclasses import replace
 from typing import Sequence
 
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..errors import MetalearnError
+from ..inner import forward
 from ..types import Params
+from .base import LossSpec, MetricSpec
 from .maml import MAML
 from .registry import Capabilities, register
 
@@ -45,9 +46,10 @@ class ANIL(MAML):
     default_adapt = ("head.*",)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("head.*",), loss: str = "cross_entropy", cached: bool = True):
+                 adapt: Sequence[str] = ("head.*",),
+                 loss: LossSpec = "cross_entropy", metric: MetricSpec = None, cached: bool = True):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                         adapt=adapt, loss=loss)
+                         adapt=adapt, loss=loss, metric=metric)
         if not (hasattr(model, "features") and hasattr(model, "head")):
             raise MetalearnError("anil needs a model with `features` and `head` submodules (conv4, mlp)")
         outside = [n for n in self.adapt if not n.startswith("head.")]
@@ -60,8 +62,8 @@ class ANIL(MAML):
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         """Body features (B, D) at `params`: features(x).flatten(1)."""
-        return functional_call(self.model.features, _sub(params, "features."), (x,), strict=False).flatten(1)
+        return forward(self.model.features, _sub(params, "features."), x).flatten(1)
 
     def head_fn(self, params: Params, z: Tensor, step: int) -> Tensor:
         """The head alone at `params` on features z (B, D)."""
-        return functional_call(self.model.head, _sub(params, "head."), (z,), strict=False)
+        return forward(self.model.head, _sub(params, "head."), z)

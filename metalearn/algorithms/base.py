@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, ContextManager, Iterable, List, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,20 @@ from torch import Tensor, nn
 
 from ..errors import MetalearnError
 from ..inner import SGD, forward, select
+from ..inner.batched import task_losses, task_metrics
 from ..inner.rules import LRSpec
 from ..types import Params
 from .registry import Capabilities
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 METRICS = {"cross_entropy": "accuracy", "mse": "mse"}
+
+LossSpec = Union[str, Callable[[Tensor, Tensor], Tensor]]
+"""`cross_entropy`, `mse`, or a callable loss(outputs (B, ...), targets (B, ...)) -> the batch's mean loss (a
+differentiable scalar; the inner loop differentiates it twice for second-order algorithms)."""
+MetricSpec = Union[None, Callable[[Tensor, Tensor], Tensor], Tuple[str, Callable[[Tensor, Tensor], Tensor]]]
+"""None (accuracy; the MSE for loss=`mse`), a callable metric(outputs (Q, ...), targets (Q, ...)) -> a scalar
+(named by the function's __name__), or (name, callable). Evaluation reports its mean and 95% CI over episodes."""
 
 
 def metric(outputs: Tensor, y: Tensor, loss: str) -> Tensor:
@@ -84,12 +92,48 @@ class MetaLearner:
         if self.on_episode is not None:
             self.on_episode()
 
-    def __init__(self, model: nn.Module, *, loss: str = "cross_entropy"):
-        if loss not in LOSSES:
-            raise MetalearnError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        self.model, self.loss = model, loss
-        self.loss_fn = LOSSES[loss]
-        self.metric_name = METRICS[loss]
+    def __init__(self, model: nn.Module, *, loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        self.model = model
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise MetalearnError(f"loss must be one of {', '.join(LOSSES)} or a callable, got {loss!r}")
+            self.loss, self.loss_fn = loss, LOSSES[loss]
+        elif callable(loss):
+            self.loss, self.loss_fn = "custom", loss
+        else:
+            raise MetalearnError(f"loss must be one of {', '.join(LOSSES)} or a callable (outputs, targets) -> "
+                                 f"mean loss, got {type(loss).__name__}")
+        self.metric_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None  # None: the built-in one
+        self.metric_name = METRICS.get(self.loss, "accuracy")
+        if metric is not None:
+            name, fn = metric if isinstance(metric, tuple) else (getattr(metric, "__name__", "metric"), metric)
+            if not callable(fn) or not isinstance(name, str):
+                raise MetalearnError("metric must be a callable (outputs, targets) -> scalar, or a (name, callable) "
+                                     "pair")
+            self.metric_name, self.metric_fn = name, fn
+
+    # --- losses and scores: the built-in ones or the user's callables ---------------------------
+    def score(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """The metric of one task's outputs (Q, ...) against its targets: a float64 scalar."""
+        if self.metric_fn is None:
+            return metric(outputs, y, "mse" if self.loss == "mse" else "cross_entropy")
+        return torch.as_tensor(self.metric_fn(outputs, y)).detach().double().reshape(())
+
+    def task_losses(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Each task's mean loss: outputs (T, B, ...) with targets (T, B, ...) -> (T,)."""
+        if self.loss != "custom":
+            return task_losses(outputs, y, self.loss)
+        return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, y)])
+
+    def task_scores(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Each task's metric: outputs (T, Q, ...) with targets (T, Q, ...) -> (T,) float64."""
+        if self.metric_fn is None:
+            return task_metrics(outputs, y, "mse" if self.loss == "mse" else "cross_entropy")
+        return torch.stack([self.score(o, t) for o, t in zip(outputs, y)])
+
+    def summed_task_loss(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """The batched inner loop's support loss: the sum over tasks of each task's mean loss."""
+        return self.task_losses(outputs, y).sum()
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())
@@ -183,8 +227,8 @@ class GradientMetaLearner(MetaLearner):
     inner_checkpoint = False
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
-        super().__init__(model, loss=loss)
+                 adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, loss=loss, metric=metric)
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.adapt = select([n for n, _ in model.named_parameters()], adapt, what="inner.adapt")
 
@@ -227,6 +271,12 @@ class GradientMetaLearner(MetaLearner):
     def forward_fn(self, params: Params, x: Tensor, step: int) -> Tensor:
         """The model at `params` on a batch x; `step` = the inner step (for per-step BatchNorm)."""
         return forward(self.model, params, x)
+
+    @property
+    def plain_forward(self) -> bool:
+        """True when `forward_fn` is the model's own forward (the engine may then use a hand-written batched
+        twin of the model, metalearn/inner/batched.py), False when a subclass overrides it."""
+        return type(self).forward_fn is GradientMetaLearner.forward_fn
 
     def task_params(self, params: Params) -> Params:
         """The parameters a task's inner loop starts from: the model's, plus any per-task extras that

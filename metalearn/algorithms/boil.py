@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import MetalearnError
 from .maml import MAML
+from .base import LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 
@@ -31,9 +32,9 @@ class BOIL(MAML):
     default_adapt = ("features.*",)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("features.*",), loss: str = "cross_entropy"):
+                 adapt: Sequence[str] = ("features.*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                         adapt=adapt, loss=loss)
+                         adapt=adapt, loss=loss, metric=metric)
         head = [n for n in self.adapt if n.startswith("head.")]
         if head:
             raise MetalearnError("boil keeps the head fixed in the inner loop (lr 0); "

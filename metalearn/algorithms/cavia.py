@@ -67,7 +67,7 @@ from ..errors import MetalearnError
 from ..inner import forward
 from ..models import MLP, Conv4
 from ..types import Params
-from .base import GradientMetaLearner
+from .base import GradientMetaLearner, LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 CONTEXT = "context"
@@ -131,8 +131,10 @@ class CAVIA(GradientMetaLearner):
     default_adapt = (CONTEXT,)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 context_dim: int = 100, film: bool = True, film_block: int = 2, loss: str = "cross_entropy"):
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss)
+                 context_dim: int = 100, film: bool = True, film_block: int = 2,
+                 loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
+                         loss=loss, metric=metric)
         if context_dim < 1:
             raise MetalearnError(f"cavia.context_dim must be >= 1, got {context_dim}")
         self.context_dim = context_dim

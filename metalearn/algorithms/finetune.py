@@ -49,7 +49,7 @@ from ..inner import run_inner_loop
 from ..inner.lora import LoRA, adapted_size, lora_targets
 from ..inner.rules import SGD, Adam
 from ..types import Examples, Params, TaskBatch
-from .base import MetaLearner, metric, scored
+from .base import LossSpec, MetaLearner, MetricSpec, scored
 from .registry import Capabilities, register
 
 
@@ -89,8 +89,8 @@ class FineTune(MetaLearner):
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, blocks: int = 0,
                  head: str = "linear", cosine_scale: float = 10.0, head_init: str = "random", head_seed: int = 0,
                  optimizer: str = "sgd", weight_decay: float = 0.0, lora_rank: int = 0, lora_alpha: float = 0.0,
-                 execution: str = "auto", loss: str = "cross_entropy"):
-        super().__init__(model, loss=loss)
+                 execution: str = "auto", loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, loss=loss, metric=metric)
         if loss != "cross_entropy":
             raise MetalearnError("finetune is a classification baseline (a fresh N-way head per episode)")
         if not (hasattr(model, "features") and hasattr(model, "head")):
@@ -311,8 +311,8 @@ class FineTune(MetaLearner):
             sup = batch.support.task(i)
             fast = self.adapt_episode(sup, batch.ways, steps=steps, lr=lr)
             pred = scored(lambda x: self.predict(fast, x), sup.x, batch.query.x[i], transductive)
-            qs.append(metric(pred, batch.query.y[i], self.loss))
-            ss.append(metric(self.predict(fast, sup.x), sup.y, self.loss))
+            qs.append(self.score(pred, batch.query.y[i]))
+            ss.append(self.score(self.predict(fast, sup.x), sup.y))
             self.episode_done()
         self.support_accuracies.append(torch.stack(ss).cpu())
         return torch.stack(qs).cpu()

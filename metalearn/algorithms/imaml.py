@@ -78,7 +78,7 @@ from torch import Tensor, nn
 from ..errors import MetalearnError
 from ..inner import SGD, adapt, forward, select
 from ..types import Examples, Params, TaskBatch
-from .base import MetaLearner, metric, scored
+from .base import LossSpec, MetaLearner, MetricSpec, scored
 from .registry import Capabilities, register
 
 
@@ -150,8 +150,9 @@ class IMAML(MetaLearner):
     capabilities = Capabilities(shardable=True)  # tasks independent; adapted one after another (no batched path)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, lam: float, cg_steps: int = 5,
-                 cg_damping: float = 0.0, adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
-        super().__init__(model, loss=loss)
+                 cg_damping: float = 0.0, adapt: Sequence[str] = ("*",),
+                 loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, loss=loss, metric=metric)
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
             raise MetalearnError(f"imaml.lam must be a finite number > 0, got {lam}")
         if not isinstance(cg_steps, int) or cg_steps < 1:
@@ -230,7 +231,7 @@ class IMAML(MetaLearner):
                     result[n] = d if c is None else d - c
         prox = grads_s.detach() + lam * torch.cat([(params[n].detach() - theta[n].detach()).reshape(-1)
                                                    for n in names])
-        metrics = {"loss": loss_q.item(), "metric": metric(out.detach(), query.y, self.loss).item(),
+        metrics = {"loss": loss_q.item(), "metric": self.score(out.detach(), query.y).item(),
                    "cg_residual": residual, "prox_grad_norm": prox.norm().item()}
         return result, metrics
 
@@ -267,6 +268,6 @@ class IMAML(MetaLearner):
         for i in range(batch.num_tasks):
             phi = self.adapt_task(theta, batch.support.task(i), steps=steps, lr=lr)
             pred = scored(lambda x: forward(self.model, phi, x), batch.support.x[i], batch.query.x[i], transductive)
-            out.append(metric(pred, batch.query.y[i], self.loss))
+            out.append(self.score(pred, batch.query.y[i]))
             self.episode_done()
         return torch.stack(out).cpu()

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .base import GradientMetaLearner
+from .base import GradientMetaLearner, LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 
@@ -39,9 +39,9 @@ class MAML(GradientMetaLearner):
     capabilities = Capabilities(batchable=True, hybrid=True, lora=True, inner_checkpoint=True)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
+                 adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                         adapt=adapt, loss=loss)
+                         adapt=adapt, loss=loss, metric=metric)
 
 
 @register("fomaml")
@@ -49,5 +49,6 @@ class FOMAML(MAML):
     """First-order MAML: `first_order` is always on (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = True,
-                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, adapt=adapt, loss=loss)
+                 adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, adapt=adapt,
+                         loss=loss, metric=metric)

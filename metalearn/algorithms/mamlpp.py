@@ -37,6 +37,7 @@ from ..inner import PerStepLR, forward
 from ..inner.rules import LRSpec
 from ..types import Params
 from .maml import MAML
+from .base import LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 
@@ -57,10 +58,11 @@ class MAMLPlusPlus(MAML):
     capabilities = Capabilities(own_lr_schedule=True, learns_inner_lr=True)  # per task: the loop only
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy", msl_iterations: int = 0,
+                 adapt: Sequence[str] = ("*",),
+                 loss: LossSpec = "cross_entropy", metric: MetricSpec = None, msl_iterations: int = 0,
                  first_order_until: int = 0, final_lr: float = 0.0):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                         adapt=adapt, loss=loss)
+                         adapt=adapt, loss=loss, metric=metric)
         if inner_steps < 1:
             raise MetalearnError("mamlpp needs inner.steps >= 1")
         p0 = next(iter(self.params().values()))

@@ -29,6 +29,7 @@ from ..errors import MetalearnError
 from ..inner import PerElementLR
 from ..inner.rules import LRSpec
 from .maml import MAML
+from .base import LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 
@@ -37,9 +38,9 @@ class MetaSGD(MAML):
     capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, learns_inner_lr=True)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
-                 adapt: Sequence[str] = ("*",), loss: str = "cross_entropy"):
+                 adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                         adapt=adapt, loss=loss)
+                         adapt=adapt, loss=loss, metric=metric)
         self.alpha = PerElementLR(self.params(), self.adapt, inner_lr)
 
     def lr_spec(self, lr: Optional[float] = None) -> LRSpec:

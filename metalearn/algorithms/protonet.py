@@ -30,7 +30,7 @@ from torch.func import functional_call
 from ..errors import MetalearnError
 from ..inner.layout import channels_last
 from ..types import Params, TaskBatch
-from .base import MetaLearner, metric, scored
+from .base import LossSpec, MetaLearner, MetricSpec, scored
 from .registry import Capabilities, register
 
 
@@ -49,10 +49,10 @@ class ProtoNet(MetaLearner):
 
     label = "protonet"  # in error messages
 
-    def __init__(self, model: nn.Module, *, loss: str = "cross_entropy", **_ignored):
+    def __init__(self, model: nn.Module, *, loss: LossSpec = "cross_entropy", metric: MetricSpec = None, **_ignored):
         if loss != "cross_entropy":
             raise MetalearnError(f"{self.label} classifies: it needs a classification data set (loss cross_entropy)")
-        super().__init__(model, loss=loss)
+        super().__init__(model, loss=loss, metric=metric)
         if not hasattr(model, "features"):
             raise MetalearnError(f"{self.label} needs a model with a `features` submodule (conv4)")
 
@@ -79,7 +79,7 @@ class ProtoNet(MetaLearner):
             loss = F.cross_entropy(logits, batch.query.y[i])
             (loss / T).backward()
             total_loss += loss.item()
-            total_metric += metric(logits.detach(), batch.query.y[i], self.loss).item()
+            total_metric += self.score(logits.detach(), batch.query.y[i]).item()
         return {"loss": total_loss / T, "accuracy": total_metric / T}
 
     @torch.no_grad()
@@ -92,6 +92,6 @@ class ProtoNet(MetaLearner):
             z_s = self.embed(params, batch.support.x[i])
             z_q = scored(lambda x: self.embed(params, x), batch.support.x[i], batch.query.x[i], transductive)
             logits = self.logits(z_s, batch.support.y[i], z_q, batch.ways)
-            out.append(metric(logits, batch.query.y[i], self.loss))
+            out.append(self.score(logits, batch.query.y[i]))
             self.episode_done()
         return torch.stack(out).cpu()

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from ..errors import MetalearnError
 from .protonet import ProtoNet
+from .base import LossSpec, MetricSpec
 from .registry import Capabilities, register
 
 HEADS = ("r2d2", "metaoptnet_rr")
@@ -100,8 +101,8 @@ class R2D2(ProtoNet):
     capabilities = Capabilities(inner_loop=False, test_ways_may_differ=True, regression=False)
 
     def __init__(self, model: nn.Module, *, head: str = "r2d2", lam: float = 1.0, learn_lam: bool = True,
-                 scale: float = 1.0, loss: str = "cross_entropy"):
-        super().__init__(model, loss=loss)  # a classifier with a `features` body
+                 scale: float = 1.0, loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, loss=loss, metric=metric)  # a classifier with a `features` body
         if head not in HEADS:
             raise MetalearnError(f"r2d2.head must be one of {', '.join(HEADS)}, got {head!r}")
         if not (math.isfinite(lam) and lam > 0):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..inner import Adam, AdamState, forward, run_inner_loop, select
 from ..types import Params, TaskBatch
-from .base import MetaLearner, metric, scored
+from .base import LossSpec, MetaLearner, MetricSpec, scored
 from .registry import Capabilities, register
 
 
@@ -46,8 +46,9 @@ from .registry import Capabilities, register
 class Reptile(MetaLearner):
     capabilities = Capabilities(shardable=False, own_lr_schedule=True)
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, adapt: Sequence[str] = ("*",),
-                 final_lr: float = 0.0, betas: tuple[float, float] = (0.0, 0.999), loss: str = "cross_entropy"):
-        super().__init__(model, loss=loss)
+                 final_lr: float = 0.0, betas: tuple[float, float] = (0.0, 0.999),
+                 loss: LossSpec = "cross_entropy", metric: MetricSpec = None):
+        super().__init__(model, loss=loss, metric=metric)
         self.inner_lr, self.inner_steps, self.final_lr, self.betas = inner_lr, inner_steps, final_lr, betas
         self.adapt = select([n for n, _ in model.named_parameters()], adapt, what="inner.adapt")
         self.adam_state: Optional[AdamState] = None
@@ -100,7 +101,7 @@ class Reptile(MetaLearner):
             with torch.no_grad():
                 out = forward(self.model, phi, batch.query.x[i])
                 total_loss += self.loss_fn(out, batch.query.y[i]).item()
-                total_metric += metric(out, batch.query.y[i], self.loss).item()
+                total_metric += self.score(out, batch.query.y[i]).item()
         for n in self.adapt:
             p = params[n]
             p.grad = delta[n] if p.grad is None else p.grad + delta[n]
@@ -116,7 +117,7 @@ class Reptile(MetaLearner):
             state = None if self.adam_state is None else self.adam_state.detached()
             phi, _ = self.adapt_task(theta, batch.support.task(i), steps=steps, lr=lr, state=state)
             pred = scored(lambda x: forward(self.model, phi, x), batch.support.x[i], batch.query.x[i], transductive)
-            out.append(metric(pred, batch.query.y[i], self.loss))
+            out.append(self.score(pred, batch.query.y[i]))
             self.episode_done()
         return torch.stack(out).cpu()
 

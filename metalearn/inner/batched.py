@@ -23,12 +23,21 @@ tasks as in the loop. Differentiating through the loop (create_graph=True) gives
 second-order meta-gradient, equal to the per-task reference's to float rounding (tests:
 tests/test_batched.py, float64, <= 1e-10 relative, BatchNorm on).
 
-Supported models: conv4 (with or without BatchNorm) and the sinusoid MLP; `batched_forward`
-returns None for anything else and callers fall back to the loop.
+Two ways to run a model on all tasks at once:
+
+  task_vmap        any model, any forward function (CAVIA's context, ANIL's body and head, your own
+                   nn.Module): `torch.func.vmap` over tasks of the per-task forward, with the
+                   per-task parameters mapped over their task dimension and the shared ones not.
+                   vmap turns a convolution with per-task weights into the same grouped convolution
+                   as below. BatchNorm runs in the plain-reduction form of metalearn/inner/norm.py
+                   (`vmap_safe_norms`): exact first and second derivatives under vmap.
+  batched_forward  hand-written twins for conv4 (with or without BatchNorm) and the sinusoid MLP,
+                   kept where they are measured faster than task_vmap (benchmarks/bench_meta_step.py);
+                   None for anything else.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import AbstractSet, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +45,7 @@ from torch import Tensor, nn
 
 from ..types import Params
 from .loop import task_dim as _task
+from .norm import vmap_safe_norms
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
 
@@ -113,6 +123,23 @@ def batched_forward(model: nn.Module) -> Optional[BatchedForward]:
     return lambda params, x: head(params, features(params, x))
 
 
+def task_vmap(fn: Callable[[Params, Tensor], Tensor], per_task: AbstractSet[str]) -> BatchedForward:
+    """fn(params, x) of one task -> fn(params, x (T, B, ...)) -> (T, B, ...) of all tasks at once.
+
+    The parameters named in `per_task` carry a leading task dimension (T, *shape) (`adapt(..., tasks=T)`
+    gives the adapted ones that form); the others are shared by all tasks. Random operations (dropout,
+    DropBlock) draw independently per task (vmap's randomness="different"). BatchNorm layers run in the
+    vmap-exact form of metalearn/inner/norm.py."""
+    from torch.func import vmap
+
+    def run(params: Params, x: Tensor) -> Tensor:
+        dims = {n: 0 if n in per_task else None for n in params}
+        with vmap_safe_norms():
+            return vmap(fn, in_dims=(dims, 0), randomness="different")(params, x)
+
+    return run
+
+
 def task_losses(out: Tensor, y: Tensor, loss: str) -> Tensor:
     """Each task's mean loss: out (T, B, N) logits with y (T, B) labels, or (T, B, D) regressions -> (T,)."""
     T, B = out.shape[:2]
@@ -136,4 +163,4 @@ def task_metrics(out: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 __all__ = ["BatchedForward", "batched_features", "batched_forward", "batched_head", "batched_loss", "task_losses",
-           "task_metrics"]
+           "task_metrics", "task_vmap"]

@@ -34,6 +34,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..types import Examples, Params
+from .norm import stateless
 from .rules import SGD, LRSpec
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -41,8 +42,11 @@ ForwardFn = Callable[[Params, Tensor, int], Tensor]
 
 
 def forward(model: nn.Module, params: Params, x: Tensor, **kwargs: Any) -> Tensor:
-    """model(x, **kwargs) evaluated at `params` (names missing from params fall back to the module's own)."""
-    return functional_call(model, params, (x,), kwargs or None, strict=False)
+    """model(x, **kwargs) evaluated at `params` (names missing from params fall back to the module's own).
+
+    BatchNorm follows the normalisation policy of metalearn/inner/norm.py: batch statistics, running
+    statistics neither read nor written (the model runs through its `stateless` view)."""
+    return functional_call(stateless(model), params, (x,), kwargs or None, strict=False)
 
 
 @dataclass
