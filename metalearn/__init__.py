@@ -10,10 +10,10 @@ from .config import Config, load_config
 from .errors import MetalearnError
 from .evaluation import EvalResult, evaluate, mean_ci95
 from .inner import inner_loop, select
-from .types import Examples, Params, TaskBatch
+from .types import Examples, Params, Task, TaskBatch
 from . import validation  # noqa: E402,F401  registers the registries' checks with config.validate (see config.py)
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "Config", "EvalResult", "Examples", "MetalearnError", "Params", "TaskBatch", "evaluate",
+__all__ = ["MAML", "Config", "EvalResult", "Examples", "MetalearnError", "Params", "Task", "TaskBatch", "evaluate",
            "inner_loop", "load_config", "mean_ci95", "select"]

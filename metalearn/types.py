@@ -28,7 +28,12 @@ class Examples:
     y: Tensor
 
     def task(self, i: int) -> "Examples":
+        """Task i's examples, the task dimension dropped: x (N*M, C, H, W), y (N*M)."""
         return Examples(self.x[i], self.y[i])
+
+    def tasks(self, sl: slice) -> "Examples":
+        """Tasks `sl`, the task dimension kept: x (len, N*M, C, H, W)."""
+        return Examples(self.x[sl], self.y[sl])
 
     def to(self, device: torch.device | str) -> "Examples":
         return Examples(self.x.to(device), self.y.to(device))
@@ -52,18 +57,30 @@ class TaskBatch:
     def num_tasks(self) -> int:
         return self.support.x.shape[0]
 
-    def task(self, i: int) -> "TaskBatch":
-        """Task i as a batch of one."""
-        sl = slice(i, i + 1)
-        return TaskBatch(
-            Examples(self.support.x[sl], self.support.y[sl]),
-            Examples(self.query.x[sl], self.query.y[sl]),
-            self.ways, self.shots, self.query_shots,
-        )
+    def task(self, i: int) -> "Task":
+        """Task i, the task dimension dropped (as `Examples.task`): `batch.task(i).support` is what
+        `metalearn.inner_loop` takes, and equals `batch.support.task(i)`."""
+        return Task(self.support.task(i), self.query.task(i), self.ways, self.shots, self.query_shots)
+
+    def tasks(self, sl: slice) -> "TaskBatch":
+        """Tasks `sl` as a smaller meta-batch (the task dimension kept); `batch.tasks(slice(i, i + 1))` is task i
+        as a batch of one, which `meta_step` and `evaluate_batch` take."""
+        return TaskBatch(self.support.tasks(sl), self.query.tasks(sl), self.ways, self.shots, self.query_shots)
 
     def to(self, device: torch.device | str) -> "TaskBatch":
         return TaskBatch(self.support.to(device), self.query.to(device),
                          self.ways, self.shots, self.query_shots)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One N-way K-shot task: support x (N*K, C, H, W), y (N*K); query x (N*Q, C, H, W), y (N*Q)."""
+
+    support: Examples
+    query: Examples
+    ways: int
+    shots: int
+    query_shots: int
 
 
 @runtime_checkable

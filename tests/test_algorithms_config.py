@@ -23,7 +23,7 @@ def test_each_algorithm_builds_steps_and_evaluates(name):
     assert isinstance(algo, Engine) and isinstance(algo.algorithm, ALGORITHMS[name])
     opt = algo.outer_optimizer(list(model.parameters()), 0.5 if name == "reptile" else 1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = make_batch().task(0)  # one task keeps this fast
+    batch = make_batch().tasks(slice(0, 1))  # one task keeps this fast
     opt.zero_grad(set_to_none=True)
     algo.schedule(1, 10, opt)
     metrics = algo.meta_step(batch)

@@ -209,7 +209,7 @@ def test_context_starts_at_zero_for_every_task_and_is_never_trained():
         if t >= 2 * TASKS:  # ... and nothing else (evaluation: the current, detached parameters)
             assert all(torch.equal(rest[n], theta[n]) for n in theta)
     # the same task scores the same alone or after others: nothing carries over from task to task
-    alone = engine.evaluate_batch(batch.task(TASKS - 1), steps=2)
+    alone = engine.evaluate_batch(batch.tasks(slice(TASKS - 1, TASKS)), steps=2)
     together = engine.evaluate_batch(batch, steps=2)
     assert torch.equal(alone[0], together[TASKS - 1])
 

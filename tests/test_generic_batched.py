@@ -319,3 +319,22 @@ def test_a_model_vmap_cannot_run_is_refused_in_one_line():
     with pytest.raises(Exception, match=r"^the batched path \(torch.func.vmap over tasks\) cannot run model ItemNet"):
         engine.meta_step(make_batch(12))
     Engine(MAML(ItemNet().double(), inner_lr=LR, inner_steps=1), "loop").meta_step(make_batch(12))  # the loop runs
+
+
+def test_task_of_a_batch_and_of_examples_agree():
+    """`TaskBatch.task(i)` drops the task dimension as `Examples.task(i)` does, so its support set is what the
+    inner loop takes; `TaskBatch.tasks(sl)` keeps it (a smaller meta-batch)."""
+    from metalearn import Task, inner_loop
+
+    batch, model = make_batch(12), make_user()
+    task = batch.task(1)
+    assert isinstance(task, Task) and (task.ways, task.shots, task.query_shots) == (WAYS, SHOTS, QUERY)
+    assert torch.equal(task.support.x, batch.support.task(1).x) and task.support.x.shape == (WAYS * SHOTS, 1, 12, 12)
+    assert torch.equal(task.query.y, batch.query.task(1).y)
+    fast = inner_loop(model, dict(model.named_parameters()), task.support, adapt=["head.weight", "head.bias"], lr=LR,
+                      steps=1)
+    assert fast["head.weight"].shape == model.head.weight.shape
+    one = batch.tasks(slice(1, 2))
+    assert one.num_tasks == 1 and torch.equal(one.support.x[0], task.support.x)
+    scores = Engine(MAML(make_user(), inner_lr=LR, inner_steps=1)).evaluate_batch(one, steps=1)
+    assert scores.shape == (1,)
