@@ -401,7 +401,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("data sets:  " + ", ".join(f"{d} (splits: {', '.join(SPLITS[d])})" for d in sorted(DATASETS)))
     print("regression: " + ", ".join(f"{d} (data.split = protocol: {', '.join(p)}; model mlp)"
                                      for d, p in sorted(REGRESSION.items())))
-    print("models:     " + ", ".join(sorted(MODELS)))
+    print("models:     " + ", ".join(sorted(MODELS)) + "; or your own: model.name=module.path:ClassName (a "
+          "torch.nn.Module subclass, imported from PYTHONPATH or the working folder; options in model.kwargs)")
     print("algorithms: " + ", ".join(sorted(ALGORITHMS)))
     from . import presets
 

@@ -130,8 +130,12 @@ class Optimizer(Choice):
 
 
 class Augment(Choice):
+    """The augmentations of metalearn/data/augment.py (its registry order is the order they run in)."""
     crop = "crop"
     flip = "flip"
+    rotate = "rotate"
+    jitter = "jitter"
+    erase = "erase"
 
 
 class EpisodeSet(Choice):
@@ -173,7 +177,9 @@ class DataConfig:
     query_shots: int = 15
     """Q: query examples per class, used for the outer loss and for scoring."""
     augment: List[Augment] = field(default_factory=list)
-    """Augmentations of meta-training episodes, by name (metalearn/data/augment.py), applied in order."""
+    """Augmentations of meta-training episodes, per image, seeded (metalearn/data/augment.py): `crop`, `flip`,
+    `rotate` (+-15 degrees), `jitter` (brightness, contrast), `erase` (a random rectangle set to 0); they run
+    in that order whatever the list's order. Validation and test episodes are never augmented."""
     augment_sets: List[EpisodeSet] = field(default_factory=lambda: [EpisodeSet.support, EpisodeSet.query])
     """Which sets of a meta-training episode data.augment applies to: `support`, `query`."""
 
@@ -182,9 +188,10 @@ class DataConfig:
 class ModelConfig:
     name: str = "conv4"
     """Model (see `metalearn list`): `conv4` (4 conv blocks and a linear head), `conv4_perstep` (conv4 with
-    MAML++'s per-step BatchNorm), `mlp` (sinusoid regression)."""
+    MAML++'s per-step BatchNorm), `mlp` (sinusoid regression), `resnet12` (MetaOptNet/FEAT; options in
+    model.kwargs), or your own torch.nn.Module subclass as `module.path:ClassName` (README "Your own model")."""
     hidden: int = 64
-    """Filters per conv layer."""
+    """Filters per conv layer (conv4) or hidden units (mlp); not used by resnet12 or your own model."""
     batchnorm: BatchNorm = BatchNorm.transductive
     """`transductive`: BatchNorm always uses the current batch's statistics (MAML's setting); `none`: no BatchNorm."""
     bn_steps: int = 1
@@ -371,7 +378,8 @@ class PretrainConfig:
     """Pre-training weight decay (L2, added to the gradient as torch.optim does)."""
     augment: List[Augment] = field(default_factory=list)
     """Augmentations of pre-training images: `crop` (pad image_size // 8 with zeros, random crop back),
-    `flip` (random horizontal flip; not sensible for Omniglot characters)."""
+    `flip` (random horizontal flip; not sensible for Omniglot characters), `rotate`, `jitter`, `erase`
+    (as data.augment, metalearn/data/augment.py)."""
 
 
 @dataclass
@@ -756,6 +764,8 @@ def check_static(cfg: Config) -> None:
     if "/" in cfg.tracking.name or cfg.tracking.name in (".", ".."):
         raise MetalearnError(f"tracking.name must be a plain folder name, got {cfg.tracking.name!r}")
     _check_transfer(cfg)
+    if cfg.data.augment and not cfg.data.augment_sets:
+        raise MetalearnError("data.augment is set but data.augment_sets is empty: name support, query or both")
     dev = cfg.device
     if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
         raise MetalearnError(f"device must be cpu, cuda, cuda:N or auto, got {dev!r}")

@@ -19,7 +19,7 @@ from .algorithms import registry
 from .config import Config
 from .data import DATASETS, REGRESSION
 from .errors import MetalearnError
-from .models import MODELS
+from .models import MODELS, model_arguments, resnet12
 
 
 def validate(cfg: Config) -> None:
@@ -35,8 +35,7 @@ def check_registries(cfg: Config) -> None:
     if d.dataset not in DATASETS and d.dataset not in REGRESSION:
         known = ", ".join(sorted([*DATASETS, *REGRESSION]))
         raise MetalearnError(f"data.dataset: unknown data set {d.dataset!r}; known: {known}")
-    if cfg.model.name not in MODELS:
-        raise MetalearnError(f"model.name: unknown model {cfg.model.name!r}; known: {', '.join(sorted(MODELS))}")
+    _check_model(cfg)
     caps = registry.capabilities(name)  # an unknown algorithm: one line listing the known ones
     if cfg.outer.lr_halve_every and caps.own_lr_schedule:
         raise MetalearnError(f"outer.lr_halve_every: {name} has its own lr schedule; use 0")
@@ -64,12 +63,32 @@ def check_registries(cfg: Config) -> None:
             flat_features(cfg.model.hidden, d.image_size)
         except ValueError as e:
             raise MetalearnError(f"data.image_size: {e}") from None
+    if cfg.model.name == "resnet12":
+        try:
+            resnet12.check_image_size(d.image_size)
+        except ValueError as e:
+            raise MetalearnError(f"data.image_size: {e}") from None
+
+
+def _check_model(cfg: Config) -> None:
+    """model.name resolves (a shipped model, or an importable torch.nn.Module subclass at module.path:Class) and
+    model.kwargs fit its constructor's signature (metalearn/models/__init__.py `model_arguments`), before any
+    work. Imports your model's module; calls nothing in it."""
+    d, m = cfg.data, cfg.model
+    regression = d.dataset in REGRESSION
+    channels = 1 if regression else getattr(DATASETS[d.dataset], "channels", 3)
+    model_arguments(m, channels, 1 if regression else d.ways, d.image_size)  # names only: builds nothing
+    if m.name == "resnet12":
+        try:
+            resnet12.check_options(**m.kwargs)  # its keys are the constructor's options (checked above)
+        except ValueError as e:
+            raise MetalearnError(f"model.kwargs: {e}") from None
 
 
 def _check_regression(cfg: Config, protocols: Any, caps: registry.Capabilities) -> None:
     """data.dataset=sinusoid: 1-d regression with an MLP, one output, MSE."""
     d = cfg.data
-    if cfg.model.name != "mlp":
+    if cfg.model.name in MODELS and cfg.model.name != "mlp":  # your own model (module:Class) may take 1-d x
         raise MetalearnError(f"model.name={cfg.model.name} cannot take {d.dataset} inputs (1-d x): use model.name=mlp")
     if d.ways != 1 or (cfg.eval.ways is not None and cfg.eval.ways != 1):
         raise MetalearnError(f"data.ways (and eval.ways) must be 1 for {d.dataset} regression (one output), got "
@@ -78,6 +97,8 @@ def _check_regression(cfg: Config, protocols: Any, caps: registry.Capabilities) 
         raise MetalearnError(f"data.split: {d.dataset} protocols are {', '.join(protocols)}, got {d.split!r}")
     if d.rotation != "none":
         raise MetalearnError(f"data.rotation={d.rotation} does not apply to {d.dataset} regression; use none")
+    if d.augment:
+        raise MetalearnError(f"data.augment augments images; {d.dataset} regression has none: use data.augment=[]")
     # ProtoNet's class prototypes and the fine-tuning baseline's fresh N-way head are classification only
     if not caps.regression:
         raise MetalearnError(f"outer.algorithm={cfg.outer.algorithm} is for classification, not {d.dataset} regression")

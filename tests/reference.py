@@ -112,3 +112,24 @@ def protonet_gradient(w0: dict, batch) -> dict:
     names = [k for k in w0 if not k.startswith("head.")]
     grads = torch.autograd.grad(total / T, [w0[k] for k in names])
     return dict(zip(names, grads))
+
+
+def resnet12_forward(w: dict, x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """ResNet-12 (MetaOptNet / FEAT form, no DropBlock) written out: per block three 3x3 convolutions without
+    bias, each with BatchNorm from the batch mean and biased variance, LeakyReLU(0.1) after the first two; a
+    1x1-convolution + BatchNorm shortcut; add, LeakyReLU, 2x max-pool; then global average pooling and the head."""
+    def bn(h, name):
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        return (h - mean) / torch.sqrt(var + 1e-5) * w[f"{name}.weight"].view(1, -1, 1, 1) \
+            + w[f"{name}.bias"].view(1, -1, 1, 1)
+
+    for i in range(blocks):
+        p = f"features.{i}"
+        h = F.leaky_relu(bn(F.conv2d(x, w[f"{p}.conv1.weight"], padding=1), f"{p}.norm1"), 0.1)
+        h = F.leaky_relu(bn(F.conv2d(h, w[f"{p}.conv2.weight"], padding=1), f"{p}.norm2"), 0.1)
+        h = bn(F.conv2d(h, w[f"{p}.conv3.weight"], padding=1), f"{p}.norm3")
+        s = bn(F.conv2d(x, w[f"{p}.shortcut.conv.weight"]), f"{p}.shortcut.norm")
+        x = F.max_pool2d(F.leaky_relu(h + s, 0.1), 2)
+    x = x.mean(dim=(2, 3))
+    return x @ w["head.weight"].t() + w["head.bias"]

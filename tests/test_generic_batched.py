@@ -21,7 +21,7 @@ from metalearn.inner.norm import running_stats_layers, stateless
 from metalearn.models import Conv4
 from metalearn.types import Examples, TaskBatch
 
-from reference import conv4_forward, general_meta_gradient
+from reference import conv4_forward, general_meta_gradient, resnet12_forward
 
 TASKS, WAYS, SHOTS, QUERY, LR = 3, 5, 2, 3, 0.3
 TOL = 1e-10
@@ -87,7 +87,20 @@ def make_conv4(seed: int = 0) -> Conv4:
     return m
 
 
-MODELS = {"user": (make_user, 12, user_reference), "conv4": (make_conv4, 16, lambda w, x: conv4_forward(w, x))}
+def make_resnet12(seed: int = 0) -> nn.Module:
+    from metalearn.models import ResNet12
+
+    torch.manual_seed(seed)
+    m = ResNet12(in_channels=1, num_classes=WAYS, image_size=16, channels=[4, 6, 8, 8]).double()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+MODELS = {"user": (make_user, 12, user_reference), "conv4": (make_conv4, 16, lambda w, x: conv4_forward(w, x)),
+          "resnet12": (make_resnet12, 16, lambda w, x: resnet12_forward(w, x))}
 
 
 def make_batch(size: int, seed: int = 0, tasks: int = TASKS) -> TaskBatch:
@@ -119,7 +132,7 @@ def meta_grads(engine: Engine, batch: TaskBatch) -> dict:
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("order", ["second", "first"])
-@pytest.mark.parametrize("name", ["user", "conv4"])
+@pytest.mark.parametrize("name", ["user", "conv4", "resnet12"])
 def test_vmap_path_equals_loop_and_reference(name, order, steps):
     make, size, ref_forward = MODELS[name]
     batch, first_order = make_batch(size), order == "first"

@@ -153,7 +153,7 @@ def test_finetune_is_an_adapter_and_bad_settings_are_errors():
     with pytest.raises(MetalearnError, match="blocks=5"):
         FineTune(model, inner_lr=0.1, inner_steps=1, blocks=5)
     for bad, match in [("transfer.head=knn", "transfer.head"), ("transfer.optimizer=rmsprop", "transfer.optimizer"),
-                       ("transfer.pretrain.augment=[rotate]", "augment"), ("transfer.blocks=-1", "transfer.blocks")]:
+                       ("transfer.pretrain.augment=[solarize]", "augment"), ("transfer.blocks=-1", "transfer.blocks")]:
         with pytest.raises(MetalearnError, match=match):
             load_config(None, ["outer.algorithm=finetune", bad])
     with pytest.raises(MetalearnError, match="head_init=zero"):

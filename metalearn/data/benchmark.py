@@ -16,7 +16,8 @@ What a benchmark says:
     description, tag      "omniglot 5-way 1-shot" / "sinusoid 5-shot" (titles); "omniglot-5w1s" (run names)
     check_episodes(...)   an episode shape fits a split: one-line error before any work
     load(device)          decode the images once (cached) and put them on the device
-    sampler(seed, dtype)  the training sampler: sample(T, part=), state_dict(), load_state_dict()
+    sampler(seed, dtype)  the training sampler: sample(T, part=), state_dict(), load_state_dict();
+                          data.augment wraps it in an AugmentedSampler (metalearn/data/augment.py)
     eval_seed(split, s)   the seed that fixes a split's evaluation episodes
     episodes(split, ...)  the fixed evaluation episodes of a split, in batches
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from ..types import TaskBatch
 from . import DATASETS, REGRESSION, open_dataset
+from .augment import AugmentedSampler
 from .sampler import EpisodeSampler, check_episode_fits, fixed_episodes
 from .sinusoid import SinusoidSampler, fixed_sinusoid_episodes
 
@@ -95,12 +97,16 @@ class ImageBenchmark(Benchmark):
         """uint8 (classes of the split, per_class, C, H, W) on the device (after `load`)."""
         return self.images[self.splits[split].to(self.images.device)]
 
-    def sampler(self, seed: int, dtype: torch.dtype) -> EpisodeSampler:
+    def sampler(self, seed: int, dtype: torch.dtype) -> EpisodeSampler | AugmentedSampler:
         """Meta-batches of data.ways-way data.shots-shot tasks of the training classes, drawn on the device;
-        data.rotation=per_task rotates each class of a task by a random multiple of 90 degrees."""
+        data.rotation=per_task rotates each class of a task by a random multiple of 90 degrees; data.augment
+        augments the images of data.augment_sets (metalearn/data/augment.py; the evaluation episodes never)."""
         d = self.data
-        return EpisodeSampler(self.split_images("train"), d.ways, d.shots, d.query_shots, seed=seed, split="train",
-                              dtype=dtype, rotate=d.rotation == "per_task")
+        sampler = EpisodeSampler(self.split_images("train"), d.ways, d.shots, d.query_shots, seed=seed, split="train",
+                                 dtype=dtype, rotate=d.rotation == "per_task")
+        if d.augment:
+            return AugmentedSampler(sampler, d.augment, d.augment_sets, seed=seed)
+        return sampler
 
     def eval_seed(self, split: str, seed: int) -> int:
         return seed  # the splits' classes are disjoint: one seed gives each split its own episodes

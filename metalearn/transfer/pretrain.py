@@ -10,8 +10,9 @@ stage, Sec. 3.1-3.2): the meta-training split's C classes become one C-way class
     transductive, so the same rule holds when the episodes are fine-tuned later).
 
 Mini-batches: a seeded generator permutes all training images once per epoch (without
-replacement); optional augmentation `crop` (zero-pad image_size // 8, random crop back) and
-`flip` (random horizontal flip) draws from the same generator.
+replacement); the optional augmentations transfer.pretrain.augment (metalearn/data/augment.py: `crop` =
+zero-pad image_size // 8 and crop back at random, `flip` = random horizontal flip, `rotate`, `jitter`,
+`erase`) draw from the same generator.
 
 The run is meta-training's loop (metalearn/train.py `loop`) with `SupervisedStep` as its step:
 the same run folder (config.yaml, run.json, metrics.jsonl, checkpoint.pt with the batch generator's
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, eval_settings
+from ..data.augment import augment
 from ..data.benchmark import ImageBenchmark, open_benchmark
 from ..errors import MetalearnError
 from ..evaluation import EvalResult, evaluate, mean_ci95, plural
@@ -66,25 +68,6 @@ class ImageBatches:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.perm, self.pos, self.epoch = state["perm"], int(state["pos"]), int(state["epoch"])
-
-
-def augment(x: Tensor, kinds, g: torch.Generator) -> Tensor:
-    """x (B, C, H, W) -> augmented copy: `crop` = zero-pad H // 8 (>= 1) and crop back at a random offset
-    per image; `flip` = mirror left-right with probability 1/2 per image. Draws from g (CPU)."""
-    B, C, H, W = x.shape
-    if "crop" in kinds:
-        pad = max(1, H // 8)
-        xp = F.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(x.device)
-        rows = (oy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
-        x = xp[torch.arange(B, device=x.device)[:, None, None, None],
-               torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
-    if "flip" in kinds:
-        mask = (torch.rand(B, generator=g) < 0.5).to(x.device).view(B, 1, 1, 1)
-        x = torch.where(mask, x.flip(-1), x)
-    return x
 
 
 def logits(model: nn.Module, x: Tensor, head: str, scale: float) -> Tensor:
@@ -143,6 +126,8 @@ def check_pretrain_data(cfg: Config, pretraining: bool = True) -> ImageBenchmark
     """Open the benchmark and check the validation / evaluation episodes fit; nothing decoded or written."""
     if pretraining and cfg.data.rotation == "per_task":
         raise MetalearnError("data.rotation=per_task rotates episodes; pre-training uses rotation=none or classes")
+    if pretraining and cfg.data.augment:
+        raise MetalearnError("data.augment augments meta-training episodes; pre-training: transfer.pretrain.augment")
     benchmark = open_benchmark(cfg)
     ev = eval_settings(cfg)
     if benchmark.classes("train") < 2:
