@@ -19,14 +19,26 @@ work done; conv4 with BatchNorm, 15 query examples per class, second order unles
     miniimagenet-5w5s-5step 5-way 5-shot, 4 tasks, 5 inner steps, 32 filters, 84x84x3
     omniglot-5w1s-fo        first-order, 5-way 1-shot, 32 tasks, 1 inner step
     sinusoid                MLP 1-40-40-1, 25 tasks, K = 10 support and 10 query points, 5 inner steps, MSE
+    resnet12-5w1s-1step     ResNet-12 (64-160-320-640, metalearn/models/resnet12.py), 84x84x3, 5-way 1-shot,
+                            4 tasks, 1 inner step of 0.01, 5 query examples per class (15 make one CPU
+                            meta-step of the loop about a minute)
+    resnet12-5w1s-5step     as above, 5 inner steps
+    user-5w1s-1step         a user-defined model (UserNet below: conv blocks with nn.BatchNorm2d tracking
+                            running statistics, a GroupNorm residual block, global pooling), 28x28x1,
+                            5-way 1-shot, 16 tasks, 1 inner step
 Paths: loop (metalearn's per-task reference), batched (tasks as a batch dimension), hybrid
-(batched support sets, per-task query sets on channels-last images), learn2learn
+(batched support sets, per-task query sets on channels-last images), batched-vmap and hybrid-vmap
+(the same through torch.func.vmap for conv4 and the MLP too, their hand-written twins off; for any
+other model batched and hybrid are vmap already), learn2learn
 (l2l.algorithms.MAML, clone/adapt per task), higher (innerloop_ctx per task), and
 learn2learn-cl: learn2learn fed the same channels-last images that hybrid uses (what a
 learn2learn user could do by hand; it shows how much of a CPU speed-up is memory layout alone;
 image rows only). Not run by default: loop+ckpt, batched+ckpt, hybrid+ckpt, the same paths with
 inner-loop activation checkpointing (algorithm.set_checkpoint(True)), to measure the memory it
-saves. learn2learn and higher are imported here only; a path whose package is missing
+saves; compiled and compiled-batched, the meta-step through torch.compile (outer.compile,
+metalearn/compiled.py) one task at a time or vmapped over tasks, whose first step (first_step_s)
+includes minutes of compilation (inductor caches it on disk, so the timed worker mostly reuses the
+agreement check's). learn2learn and higher are imported here only; a path whose package is missing
 is reported as skipped.
 """
 from __future__ import annotations
@@ -50,7 +62,7 @@ from metalearn._io import atomic_json
 from metalearn.algorithms import MAML
 from metalearn.engine import Engine
 from metalearn.inner.layout import channels_last
-from metalearn.models import MLP, Conv4
+from metalearn.models import MLP, Conv4, ResNet12
 from metalearn.types import Examples, TaskBatch
 
 
@@ -68,6 +80,7 @@ class Row:
     channels: int = 1
     query: int = 15
     sinusoid: bool = False
+    model: str = "conv4"  # conv4 | mlp | resnet12 | user
 
 
 ROWS = {r.name: r for r in [
@@ -76,17 +89,57 @@ ROWS = {r.name: r for r in [
     Row("omniglot-20w1s-5step", 20, 1, 16, 5, 0.1),
     Row("miniimagenet-5w5s-5step", 5, 5, 4, 5, 0.01, hidden=32, size=84, channels=3),
     Row("omniglot-5w1s-fo", 5, 1, 32, 1, 0.4, first_order=True),
-    Row("sinusoid", 1, 10, 25, 5, 0.01, query=10, sinusoid=True),
+    Row("sinusoid", 1, 10, 25, 5, 0.01, query=10, sinusoid=True, model="mlp"),
+    Row("resnet12-5w1s-1step", 5, 1, 4, 1, 0.01, size=84, channels=3, query=5, model="resnet12"),
+    Row("resnet12-5w1s-5step", 5, 1, 4, 5, 0.01, size=84, channels=3, query=5, model="resnet12"),
+    Row("user-5w1s-1step", 5, 1, 16, 1, 0.4, model="user"),
 ]}
 PATHS = ["loop", "batched", "hybrid", "learn2learn", "higher", "learn2learn-cl"]
 BASELINES = ("learn2learn", "higher", "learn2learn-cl")
 OURS = ("loop", "batched", "hybrid")
 CHECKPOINTED = [f"{p}+ckpt" for p in OURS]
+VMAP = ["batched-vmap", "hybrid-vmap"]  # Engine(..., twin=False): conv4 and the MLP through vmap as any model
+COMPILED = ["compiled", "compiled-batched"]  # Engine(..., compile=True) on the loop's or the batched path's plan
+
+
+class UserNet(torch.nn.Module):
+    """A model as a user might write it (no metalearn code): two conv blocks with nn.BatchNorm2d (tracking
+    running statistics, the PyTorch default), a GroupNorm residual block, a third block, global pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64):
+        super().__init__()
+        nn = torch.nn
+
+        def block(cin: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(in_channels), block(width), _Residual(width), block(width),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GroupNorm(4, width)
+
+    def forward(self, x):
+        return x + torch.relu(self.norm(self.conv(x)))
 
 
 def make_model(row: Row, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = MLP() if row.sinusoid else Conv4(row.channels, row.ways, row.hidden, row.size)
+    if row.model == "mlp":
+        model = MLP()
+    elif row.model == "resnet12":
+        model = ResNet12(row.channels, row.ways, image_size=row.size)
+    elif row.model == "user":
+        model = UserNet(row.channels, row.ways)
+    else:
+        model = Conv4(row.channels, row.ways, row.hidden, row.size)
     return model.to(device)
 
 
@@ -122,10 +175,18 @@ def cast_batch(batch: TaskBatch, dtype: torch.dtype) -> TaskBatch:
 def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
     """fn(batch) that accumulates the meta-gradient of the mean query loss into model's .grad."""
     loss_fn = F.mse_loss if row.sinusoid else F.cross_entropy
+    if path in COMPILED:
+        algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
+                    loss="mse" if row.sinusoid else "cross_entropy")
+        return Engine(algo, "batched" if path == "compiled-batched" else "loop", compile=True).meta_step
     if path.split("+")[0] in OURS:
         algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
                     loss="mse" if row.sinusoid else "cross_entropy")
         return Engine(algo.set_checkpoint(path.endswith("+ckpt")), path.split("+")[0]).meta_step
+    if path in VMAP:
+        algo = MAML(model, inner_lr=row.lr, inner_steps=row.steps, first_order=row.first_order,
+                    loss="mse" if row.sinusoid else "cross_entropy")
+        return Engine(algo, path.split("-")[0], twin=False).meta_step
     if path in ("learn2learn", "learn2learn-cl"):
         import learn2learn as l2l
 
@@ -157,8 +218,10 @@ def meta_step_fn(path: str, row: Row, model: torch.nn.Module):
 
 
 def available(path: str, row: Row) -> bool:
-    if path.split("+")[0] in OURS:
+    if path.split("+")[0] in OURS or path in COMPILED:
         return True
+    if path in VMAP:  # the hand-written twins exist for conv4 and the MLP only; elsewhere batched is vmap
+        return row.model in ("conv4", "mlp") and not (path == "hybrid-vmap" and row.sinusoid)
     if path == "learn2learn-cl" and row.sinusoid:
         return False
     try:
@@ -222,7 +285,7 @@ def worker(row: Row, path: str, device: torch.device, reps: int, warmup: int) ->
     step = meta_step_fn(path, row, model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [make_batch(row, device, seed=i) for i in range(4)]
-    times = []
+    times, first = [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss = RssPeak()
@@ -237,12 +300,15 @@ def worker(row: Row, path: str, device: torch.device, reps: int, warmup: int) ->
             sync(device)
             if i >= warmup:
                 times.append(1000 * (time.perf_counter() - t0))
+            elif i == 0:  # compiled paths: includes the compilation
+                first = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     else:  # growth of the resident set during the meta-steps (interpreter, torch, model and batches excluded)
         peak, kind = (rss.peak - rss.start) / 2**20, "rss_growth_during_steps"
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "reps": reps,
-            "tasks_per_s": 1000 * row.tasks / statistics.median(times), "peak_mib": round(peak, 1), "memory": kind}
+            "tasks_per_s": 1000 * row.tasks / statistics.median(times), "first_step_s": first,
+            "peak_mib": round(peak, 1), "memory": kind}
 
 
 def main() -> int:
@@ -254,6 +320,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = default)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--check", default="float64", choices=["float64", "float32"],
+                    help="the agreement gate's dtype: float64 (default; 1e-8 relative) or float32 only, for rows "
+                         "whose float64 passes take minutes (ResNet-12 at 84x84: its exactness is tested in "
+                         "float64 at small width, tests/test_generic_batched.py)")
     ap.add_argument("--worker", nargs=2, metavar=("ROW", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -266,7 +336,7 @@ def main() -> int:
         return 0
 
     unknown = ([r for r in args.rows.split(",") if r not in ROWS]
-               + [p for p in args.paths.split(",") if p not in PATHS + CHECKPOINTED])
+               + [p for p in args.paths.split(",") if p not in PATHS + CHECKPOINTED + COMPILED + VMAP])
     if unknown:
         print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -276,24 +346,25 @@ def main() -> int:
         paths = [p for p in args.paths.split(",") if available(p, row)]
         if "loop" not in paths:
             paths.insert(0, "loop")
-        agree = check_agreement(row, paths, device, torch.float64)
+        agree32 = check_agreement(row, paths, device, torch.float32)
+        agree = check_agreement(row, paths, device, torch.float64) if args.check == "float64" else {}
         bad = {p: d for p, d in agree.items() if d > 1e-8}
         if bad:
             print(f"bench_meta_step: {name}: paths disagree with the loop in float64 (max relative gradient "
                   f"difference {bad})", file=sys.stderr)
             return 1
-        agree32 = check_agreement(row, paths, device, torch.float32)
         for path in paths:
             cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
                    str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
             res = json.loads(proc.stdout.strip().splitlines()[-1])
-            res.update(row=name, path=path, grad_rel_diff_vs_loop_float64=agree[path],
+            res.update(row=name, path=path, grad_rel_diff_vs_loop_float64=agree.get(path),
                        grad_rel_diff_vs_loop_float32=agree32[path], setting=asdict(row))
             results.append(res)
             print(f"{name:26s} {path:12s} {res['ms_median']:9.1f} ms  "
                   f"(min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
-                  f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB", flush=True)
+                  f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB"
+                  + (f"  first step {res['first_step_s']:.1f} s" if path in COMPILED else ""), flush=True)
     for r in results:  # speed-ups against the baselines of the same row
         for base in (*BASELINES, "loop"):
             other = next((o for o in results if o["row"] == r["row"] and o["path"] == base), None)

@@ -30,6 +30,9 @@ them against each other and tests/reference.py in float64 to 1e-10, BatchNorm on
            loop's cache locality.
   auto     on CUDA: batched; on a CPU: batched for the MLP, hybrid for image models (measured
            fastest, benchmarks/results/meta_step_cpu.json); the loop where neither applies.
+  compiled (`compile=True`, outer.compile) the meta-step as one torch.func function run through
+           torch.compile (metalearn/compiled.py), vmapped where the plan would be batched, else per
+           task; checked against its eager twin on each new input shape and refused where it differs.
 
 Algorithms with their own per-task step (Reptile's parameter difference, ProtoNet's prototypes,
 the fine-tuning adapter) run as they are: their plan is always the loop.
@@ -47,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .algorithms.base import GradientMetaLearner, scored
+from .compiled import CompiledMetaStep
 from .errors import MetalearnError
 from .inner import adapt
 from .inner.batched import BatchedForward, batched_features, batched_forward, batched_head, task_vmap
@@ -66,13 +70,17 @@ class Engine:
     """An algorithm, executed: per-task loop, batched or hybrid (see the module docstring).
 
     execution: auto | loop | batched | hybrid; task_chunk: tasks adapted at once by batched/hybrid
-    (0 = all; hybrid on a CPU: chunks sized to keep activations in glibc's heap); twin: run conv4 and
-    the MLP through their hand-written batched twins (False: through vmap like any other model; the
-    two agree to float rounding, tests/test_generic_batched.py). A mode the algorithm cannot run is
-    refused here, with the reason.
+    (0 = all; hybrid on a CPU: chunks sized to keep activations in glibc's heap); twin: the batched
+    path runs conv4 and the MLP through their hand-written batched twins (False: through vmap like any
+    other model, as hybrid's support pass always does; the two agree to float rounding,
+    tests/test_generic_batched.py); compile: run the meta-step and evaluation's adaptation as
+    torch.compile'd torch.func functions (metalearn/compiled.py: vmapped over tasks where the plan would
+    be batched, else one task at a time; checked against the eager ones on each new input shape). A mode
+    the algorithm cannot run is refused here, with the reason.
     """
 
-    def __init__(self, algorithm: Any, execution: str = "auto", task_chunk: int = 0, twin: bool = True):
+    def __init__(self, algorithm: Any, execution: str = "auto", task_chunk: int = 0, twin: bool = True,
+                 compile: bool = False):
         if execution not in EXECUTIONS:
             raise MetalearnError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         if task_chunk < 0:
@@ -83,6 +91,9 @@ class Engine:
             ok, why = self._hybrid_support() if execution == "hybrid" else self._batched_support()
             if not ok:
                 raise MetalearnError(f"execution={execution} is not available: {why}; use execution=loop or auto")
+        self.compiled: Optional[CompiledMetaStep] = None
+        if compile:  # refused here for what it does not support
+            self.compiled = CompiledMetaStep(algorithm, vmap=self.plan()[0] == "batched", chunk=task_chunk)
 
     # --- the algorithm, passed through -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -141,7 +152,7 @@ class Engine:
         return ok, why
 
     def plan(self) -> "tuple[str, str]":
-        """("loop" | "batched" | "hybrid", a one-line reason) for the current `execution` setting.
+        """("loop" | "batched" | "hybrid" | "compiled", a one-line reason) for the current `execution` setting.
 
         auto picks batched on CUDA; on CPU batched for the MLP (one small MLP per task is all
         per-operator overhead) and hybrid for image models (conv4, ResNet-12, your own), whose large
@@ -151,6 +162,9 @@ class Engine:
         algo = self.algorithm
         if not isinstance(algo, GradientMetaLearner):
             return "loop", f"{type(algo).__name__} runs its own per-task step"
+        if getattr(self, "compiled", None) is not None:
+            how = "all tasks at once (vmap)" if self.compiled.vmap else "one task at a time"
+            return "compiled", f"torch.compile of the torch.func meta-step, {how}"
         if self.execution == "loop":
             return "loop", "execution=loop"
         ok, why = self._batched_support()
@@ -197,6 +211,8 @@ class Engine:
                                      "pre-train with `metalearn pretrain CONFIG`, then evaluate")
             return algo.meta_step(batch)
         mode = self.plan()[0]
+        if mode == "compiled":
+            return self.compiled.meta_step(batch)
         if mode == "batched":
             return self._batched_meta_step(batch)
         if mode == "hybrid":
@@ -218,6 +234,8 @@ class Engine:
         steps = algo.inner_steps if steps is None else steps
         mode = self.plan()[0] if transductive else "loop"
         with algo.evaluating():
+            if mode == "compiled":
+                return self.compiled.evaluate(batch, steps, lr)
             if mode == "batched":
                 return self._batched_evaluate(batch, steps, lr)
             if mode == "hybrid":
@@ -304,23 +322,26 @@ class Engine:
         algo = self.algorithm
         return batched_forward(algo.model) if self.twin and algo.plain_forward else None
 
-    def tasks_forward(self) -> Callable[[Params, Tensor, int], Tensor]:
+    def tasks_forward(self, twin: bool = True) -> Callable[[Params, Tensor, int], Tensor]:
         """fn(params, x (T, B, ...), step) -> outputs (T, B, ...): the algorithm's forward on all tasks at once,
-        the adapted parameters (Tc, *shape), the others shared (the hand-written twin or vmap)."""
+        the adapted parameters (Tc, *shape), the others shared: the hand-written twin (conv4, MLP) where
+        `twin` and it applies, else vmap. The batched path uses the twin (measured faster there: conv4
+        omniglot-5w1s-1step 8.4 s against 12.7 s); hybrid's support pass uses vmap (4.3 s against 4.6 s),
+        benchmarks/results/meta_step_models_cpu.json."""
         algo = self.algorithm
-        twin = self._twin()
+        twin = self._twin() if twin else None
         if twin is not None:
             return lambda p, x, s: twin(p, x)
         per_task = frozenset(algo.adapt)
         return lambda p, x, s: _vmapped(lambda p_, x_: algo.forward_fn(p_, x_, s), per_task, algo.model)(p, x)
 
     def _adapt_tasks(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: Optional[float],
-                     first_order: bool) -> Params:
+                     first_order: bool, twin: bool = True) -> Params:
         """Tasks `sl` adapted together on their support sets: the adapted names come back as (Tc, *shape),
         the others shared."""
         algo = self.algorithm
         x = batch.support.x[sl]
-        return adapt(self.tasks_forward(), algo.task_params(params), x, batch.support.y[sl], names=algo.adapt,
+        return adapt(self.tasks_forward(twin), algo.task_params(params), x, batch.support.y[sl], names=algo.adapt,
                      rule=algo.rule(lr), steps=steps, first_order=first_order, loss_fn=algo.summed_task_loss,
                      tasks=x.shape[0], checkpoint=algo.inner_checkpoint).params
 
@@ -380,7 +401,7 @@ class Engine:
         total_loss, total_metric = 0.0, 0.0
         for sl in self._hybrid_chunks(batch):
             fast = self._adapt_tasks(params, batch, sl, steps=algo.inner_steps, lr=None,
-                                     first_order=algo.current_first_order())
+                                     first_order=algo.current_first_order(), twin=False)
             names = [n for n in algo.adapt if fast[n].requires_grad]
             vjp = {n: torch.zeros_like(fast[n]) for n in names}
             for j, i in enumerate(range(sl.start, sl.stop)):
@@ -402,7 +423,7 @@ class Engine:
         params = {n: p.detach().requires_grad_(n in algo.adapt) for n, p in algo.params().items()}
         query_x, last, out = self._query_images(batch.query.x), max(steps - 1, 0), []
         for sl in self._hybrid_chunks(batch):
-            fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=True)
+            fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=True, twin=False)
             for j, i in enumerate(range(sl.start, sl.stop)):
                 task = {**fast, **{n: fast[n][j].detach() for n in algo.adapt}}
                 out.append(algo.score(algo.forward_fn(task, query_x[i], last), batch.query.y[i]))

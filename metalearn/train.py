@@ -91,7 +91,8 @@ def build_algorithm(cfg: Config, model: torch.nn.Module):
     from .engine import Engine
 
     loss = benchmark_kind(cfg).loss  # "cross_entropy" (N-way classification) or "mse" (regression)
-    return Engine(registry.build(cfg, model, loss=loss), cfg.outer.execution, cfg.outer.task_chunk)
+    return Engine(registry.build(cfg, model, loss=loss), cfg.outer.execution, cfg.outer.task_chunk,
+                  compile=cfg.outer.compile)
 
 
 def run_settings(cfg: Config, benchmark: Benchmark) -> str:

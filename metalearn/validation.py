@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import config
+from . import compiled, config
 from .algorithms import registry
 from .config import Config
 from .data import DATASETS, REGRESSION
@@ -45,6 +45,7 @@ def check_registries(cfg: Config) -> None:
     if cfg.inner.checkpoint and not caps.inner_checkpoint:
         raise MetalearnError(f"inner.checkpoint: not available for {name} "
                              f"({', '.join(registry.supporting('inner_checkpoint'))} only)")
+    compiled.check_config(cfg)  # outer.compile: the algorithm declares it; no LoRA, inner.checkpoint, bf16/tf32
     registry.get(name).check_config(cfg)  # the algorithm's own static checks, before any data is opened
     if d.dataset in REGRESSION:
         _check_regression(cfg, REGRESSION[d.dataset], caps)

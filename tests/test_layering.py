@@ -10,7 +10,7 @@ when that is a module, else to pkg. A module belongs to the unit named by its fi
     0      foundation   errors, types, _io, stats, config, precision, presets  layer 0
     1      components   models, data, inner                                     layer 0; and inner -> models
     2      algorithms   algorithms                                              layers 0-1
-    3      engine       engine (module or package)                              layers 0-2
+    3      engine       engine (module or package), compiled                    layers 0-2
     4      training     train, evaluation, checkpoint, tracking, distributed,   layers 0-4
                         transfer, validation (config checks that need the
                         registries), guards, runfolder, and any top-level
@@ -41,6 +41,7 @@ LAYERS: Dict[str, int] = {
     **dict.fromkeys(["metalearn.models", "metalearn.data", "metalearn.inner"], 1),
     "metalearn.algorithms": 2,
     "metalearn.engine": 3,
+    "metalearn.compiled": 3,  # the engine's compiled path (outer.compile)
     **dict.fromkeys(["metalearn.train", "metalearn.evaluation", "metalearn.checkpoint", "metalearn.tracking",
                      "metalearn.distributed", "metalearn.transfer", "metalearn.validation", "metalearn.guards",
                      "metalearn.runfolder"], 4),

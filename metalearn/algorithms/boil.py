@@ -28,7 +28,7 @@ from .registry import Capabilities, register
 
 @register("boil")
 class BOIL(MAML):
-    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True)
+    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, compile=True)
     default_adapt = ("features.*",)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,

@@ -36,7 +36,7 @@ from .registry import Capabilities, register
 class MAML(GradientMetaLearner):
     """Second-order MAML (first_order=False) or FOMAML (first_order=True) over a module's parameters."""
 
-    capabilities = Capabilities(batchable=True, hybrid=True, lora=True, inner_checkpoint=True)
+    capabilities = Capabilities(batchable=True, hybrid=True, lora=True, inner_checkpoint=True, compile=True)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):

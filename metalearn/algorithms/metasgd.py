@@ -35,7 +35,8 @@ from .registry import Capabilities, register
 
 @register("metasgd")
 class MetaSGD(MAML):
-    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, learns_inner_lr=True)
+    capabilities = Capabilities(batchable=True, hybrid=True, inner_checkpoint=True, learns_inner_lr=True,
+                                compile=True)
 
     def __init__(self, model: nn.Module, *, inner_lr: float, inner_steps: int, first_order: bool = False,
                  adapt: Sequence[str] = ("*",), loss: LossSpec = "cross_entropy", metric: MetricSpec = None):

@@ -37,6 +37,8 @@ class Capabilities:
     """inner.lora_rank: the inner loop may adapt LoRA deltas instead of whole weights."""
     inner_checkpoint: bool = False
     """inner.checkpoint: the inner loop may recompute its activations in the outer backward."""
+    compile: bool = False
+    """outer.compile: the meta-step may run as one torch.compile'd torch.func function (metalearn/compiled.py)."""
     own_lr_schedule: bool = False
     """Anneals its own outer lr (reptile, mamlpp): outer.lr_halve_every does not apply."""
     learns_inner_lr: bool = False
