@@ -327,7 +327,7 @@ class Engine:
         the adapted parameters (Tc, *shape), the others shared: the hand-written twin (conv4, MLP) where
         `twin` and it applies, else vmap. The batched path uses the twin (measured faster there: conv4
         omniglot-5w1s-1step 8.4 s against 12.7 s); hybrid's support pass uses vmap (4.3 s against 4.6 s),
-        benchmarks/results/meta_step_models_cpu.json."""
+        benchmarks/results/meta_step_models_cpu.txt."""
         algo = self.algorithm
         twin = self._twin() if twin else None
         if twin is not None:
