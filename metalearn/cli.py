@@ -249,7 +249,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_EVAL_KEYS = ("eval.", "device", "threads", "outer.execution", "outer.task_chunk")
+_EVAL_KEYS = ("eval.", "device", "threads", "outer.execution", "outer.task_chunk", "outer.compile")
 """What `metalearn eval KEY=VALUE` may change: the evaluation protocol and where/how it runs (device,
 threads, execution path), never the model or how it was trained (those are the checkpoint's)."""
 
@@ -262,7 +262,7 @@ def _eval_overrides(cfg, overrides: List[str]):
         key = ov.split("=", 1)[0].strip()
         if not (key.startswith("eval.") or key in _EVAL_KEYS):
             raise MetalearnError(f"eval: {key} cannot be changed when evaluating a checkpoint; only eval.* keys, "
-                                 f"device, threads, outer.execution and outer.task_chunk "
+                                 f"device, threads, outer.execution, outer.task_chunk and outer.compile "
                                  f"(the rest is the checkpoint's)")
     return apply_overrides(cfg, overrides) if overrides else cfg
 

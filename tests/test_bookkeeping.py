@@ -113,6 +113,9 @@ def test_eval_takes_key_value_overrides_and_threads(sin_run, capsys):
     assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "outer.execution=loop",
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["eval"]["execution"] == "loop"
+    # so is outer.compile (a checkpoint trained compiled can be evaluated eagerly, and the reverse key is accepted)
+    assert main(["eval", str(sin_run), "--episodes", "2", "--no-progress", "outer.compile=false",
+                 "--out", str(sin_run / "eager.json")]) == 0
 
 
 @pytest.mark.parametrize("override, match", [("model.hidden=4", "model.hidden cannot be changed"),
