@@ -3,7 +3,6 @@
 small-width ResNet-12 against an independent per-task reference (written below with torch.nn.functional)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metalearn.algorithms import ANIL, MAML
@@ -15,6 +14,7 @@ from metalearn.models.resnet12 import drop_block
 from metalearn.types import Examples, TaskBatch
 
 from reference import general_meta_gradient
+from reference import resnet12_forward as reference_forward
 from test_maml_gradients import assert_close
 
 SMALL = [4, 8, 8, 16]
@@ -50,25 +50,6 @@ def make_model(seed=0, **options) -> ResNet12:
     return m
 
 
-def reference_forward(w: dict, x: torch.Tensor) -> torch.Tensor:
-    """ResNet-12 from the papers' description, written out with torch.nn.functional (no metalearn code)."""
-    def bn(h, name):
-        mean = h.mean(dim=(0, 2, 3), keepdim=True)
-        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        return (h - mean) / torch.sqrt(var + 1e-5) * w[f"{name}.weight"].view(1, -1, 1, 1) + \
-            w[f"{name}.bias"].view(1, -1, 1, 1)
-
-    for i in range(4):
-        b = f"features.{i}"
-        h = F.leaky_relu(bn(F.conv2d(x, w[f"{b}.conv1.weight"], padding=1), f"{b}.norm1"), 0.1)
-        h = F.leaky_relu(bn(F.conv2d(h, w[f"{b}.conv2.weight"], padding=1), f"{b}.norm2"), 0.1)
-        h = bn(F.conv2d(h, w[f"{b}.conv3.weight"], padding=1), f"{b}.norm3")
-        s = bn(F.conv2d(x, w[f"{b}.shortcut.conv.weight"]), f"{b}.shortcut.norm")
-        x = F.max_pool2d(F.leaky_relu(h + s, 0.1), 2)
-    return x.mean(dim=(2, 3)) @ w["head.weight"].t() + w["head.bias"]
-
-
-# --- architecture ---------------------------------------------------------------------------------
 def test_paper_widths_shapes_and_size():
     m = ResNet12(in_channels=3, num_classes=5, image_size=84)
     x = torch.randn(2, 3, 84, 84)
