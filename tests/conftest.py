@@ -52,3 +52,13 @@ def baseline(name: str):
     if os.environ.get("METALEARN_REQUIRE_BASELINES") == "1":
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): on a loaded 2-core machine a second thread made small
+    meta-steps up to 10x slower (the README example's two meta-steps: 42 s against 1.4 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,14 +21,7 @@ SMALL = [4, 8, 8, 16]
 TASKS, WAYS, SHOTS, QUERY, STEPS, LR = 2, 3, 1, 2, 2, 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the loaded 2-core machine a second intra-op thread made these tests up to 10x slower (the README
-    example's two meta-steps: 42 s against 1.4 s), as in tests/test_imaml.py and tests/test_r2d2.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def make_batch(size=16, channels=3, seed=0) -> TaskBatch:

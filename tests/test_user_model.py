@@ -24,14 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODULE = "usernets_test"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the loaded 2-core machine a second intra-op thread made these tests up to 10x slower (the README
-    example's two meta-steps: 42 s against 1.4 s), as in tests/test_imaml.py and tests/test_r2d2.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 USER_NETS = '''
 import pathlib
