@@ -55,6 +55,7 @@ PAPER = {
     "maml_omniglot_20w5s": {"paper": "98.9 ± 0.2", "target": 98.5},
     "maml_omniglot_5w1s_cpu": {"paper": "98.7 ± 0.4", "target": 97.5},
     "fomaml_omniglot_5w1s_cpu": {"paper": "98.3 ± 0.5", "target": 97.0},
+    "reptile_omniglot_5w1s_cpu": {"paper": "97.68 ± 0.04 (transductive)", "target": 96.5},
     # transfer baseline (Chen et al. 2019 report no Omniglot figure): ours is measured, no bar
     "pretrain_omniglot": {"paper": "– (no Omniglot figure in Chen et al.)", "target": None,
                           "extra_evals": [{"ways": 5, "shots": 5, "paper": "–", "target": None}]},

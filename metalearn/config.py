@@ -266,6 +266,10 @@ class ReptileConfig:
     linearly to final_lr at the last outer step (OpenAI's meta_step_size_final)."""
     final_lr: float = 0.0
     """Epsilon at the last outer step (annealed linearly from outer.lr; 0 as OpenAI's code)."""
+    inner_batch_size: int = 0
+    """Meta-training's inner mini-batch (OpenAI's --inner-batch): each inner step takes the next
+    inner_batch_size examples of a stream of random permutations of the support set, so the steps see
+    different examples; 0 = every step on the whole support set. Evaluation always uses the whole set."""
 
 
 @dataclass
@@ -732,6 +736,7 @@ def check_static(cfg: Config) -> None:
     for name, value in [("mamlpp.msl_iterations", cfg.mamlpp.msl_iterations),
                         ("mamlpp.first_order_until", cfg.mamlpp.first_order_until),
                         ("mamlpp.final_lr", cfg.mamlpp.final_lr), ("reptile.final_lr", cfg.reptile.final_lr),
+                        ("reptile.inner_batch_size", cfg.reptile.inner_batch_size),
                         ("outer.lr_halve_every", cfg.outer.lr_halve_every)]:
         _positive(name, value, allow_zero=True)
     _positive("outer.task_chunk", cfg.outer.task_chunk, allow_zero=True)

@@ -221,6 +221,80 @@ def test_reptile_evaluation_leaves_training_state_alone():
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
+def test_reptile_minibatch_indices_cover_each_example_once_per_pass():
+    """OpenAI's _mini_batches without replacement: batches of b cut from permutations laid end to end,
+    so each run of n consecutive draws (aligned to n) holds every example once; the stream is fixed
+    by the generator's seed and differs between seeds."""
+    from metalearn.algorithms.reptile import minibatch_indices
+
+    batches = minibatch_indices(10, 4, 7, torch.Generator().manual_seed(3))  # 28 draws: 2 passes and 8
+    assert [len(b) for b in batches] == [4] * 7
+    stream = torch.cat(batches)
+    for k in range(2):
+        assert sorted(stream[10 * k:10 * (k + 1)].tolist()) == list(range(10))
+    assert len(set(stream[20:].tolist())) == 8  # the third pass has no repeats either
+    again = minibatch_indices(10, 4, 7, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    other = minibatch_indices(10, 4, 7, torch.Generator().manual_seed(4))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+    assert [len(b) for b in minibatch_indices(50, 10, 5, torch.Generator())] == [10] * 5
+
+
+def test_reptile_inner_minibatches_equal_hand_computed_adam_on_those_batches():
+    """With inner_batch_size = b < support size, inner step j of task i is torch.optim.Adam on the
+    support examples of the j-th index batch drawn (task after task) from the algorithm's generator;
+    b >= the support size is bitwise the full-batch algorithm; resuming from state_dict continues the
+    same stream."""
+    from metalearn.algorithms import Reptile
+    from metalearn.algorithms.reptile import minibatch_indices
+
+    steps, b, seed = 3, 4, 11
+    model = make_model(batchnorm=False)
+    ref_model = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-2, betas=(0.0, 0.999))
+    algo = Reptile(model, inner_lr=1e-2, inner_steps=steps, inner_batch_size=b, seed=seed)
+    opt = algo.outer_optimizer(model.parameters(), lr=1.0)
+    batch = make_batch(seed=5)
+    n = batch.support.x.shape[1]
+    assert b < n
+    g = torch.Generator().manual_seed(seed)
+    theta = {k: p.detach().clone() for k, p in ref_model.named_parameters()}
+    phis, seen = [], set()
+    for t in range(TASKS):
+        with torch.no_grad():
+            for k, p in ref_model.named_parameters():
+                p.copy_(theta[k])
+        for idx in minibatch_indices(n, b, steps, g):
+            seen.add(tuple(idx.tolist()))
+            ref_opt.zero_grad()
+            F.cross_entropy(ref_model(batch.support.x[t][idx]), batch.support.y[t][idx]).backward()
+            ref_opt.step()
+        phis.append({k: p.detach().clone() for k, p in ref_model.named_parameters()})
+    assert len(seen) > 1  # the batches differ, so the test tells mini-batches from full batches
+    expected = {k: theta[k] + (sum(phi[k] for phi in phis) / TASKS - theta[k]) for k in theta}
+    saved = algo.state_dict()
+    algo.schedule(1, 10, opt)
+    model.zero_grad(set_to_none=True)
+    algo.meta_step(batch)
+    opt.step()
+    assert_close(dict(model.named_parameters()), expected, rtol=1e-12)
+    assert algo.adam_state.t == steps * TASKS
+
+    # resuming from the saved state draws the same batches again
+    resumed = Reptile(make_model(batchnorm=False), inner_lr=1e-2, inner_steps=steps, inner_batch_size=b, seed=0)
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(x, y) for x, y in zip(resumed.inner_batches(n), minibatch_indices(n, b, steps,
+                                                 torch.Generator().manual_seed(seed))))
+
+    # b >= n: the full-batch algorithm, bitwise
+    full, big = (Reptile(make_model(batchnorm=False), inner_lr=1e-2, inner_steps=steps, inner_batch_size=bs)
+                 for bs in (0, n))
+    for algo_ in (full, big):
+        algo_.outer_optimizer(algo_.model.parameters(), lr=1.0)
+        algo_.meta_step(batch)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(full.model.parameters(), big.model.parameters()))
+
+
 # --- ProtoNet -------------------------------------------------------------------------------
 def test_protonet_gradient_matches_reference():
     from metalearn.algorithms import ProtoNet
