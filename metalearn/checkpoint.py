@@ -8,8 +8,10 @@ A checkpoint is a plain dict of tensors and builtins (nothing that needs pickle'
      "git": {"commit": str, "dirty": bool} | {},
      "model": state_dict,              # meta-parameters
      "optimizer": state_dict,          # outer optimiser (Adam moments, step counts)
-     "algorithm": state_dict,          # e.g. learnable inner lrs; {} when the algorithm has none
-     "sampler": {"generator": ByteTensor},
+     "algorithm": state_dict,          # e.g. learnable inner lrs, Reptile's inner Adam state and
+                                       # mini-batch generator; {} when the algorithm has none
+     "sampler": {"generator": ByteTensor,
+                 "augment_batches": int},   # the latter only with data augmentation (data/augment.py)
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...], "numpy": {...}, "python": {...}},
      "tracking": {"wandb_id": str}}
 

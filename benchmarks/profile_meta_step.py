@@ -1,0 +1,88 @@
+"""Where a meta-iteration's time goes: one meta_step of a bench_meta_step.py row and path under
+torch.profiler, its self time split into convolution kernels (forward and backward) and the rest.
+
+    .venv/bin/python benchmarks/profile_meta_step.py --row resnet12-5w1s-1step --paths hybrid,learn2learn \\
+        --threads 1 --out benchmarks/results/profile_resnet12_cpu.json
+
+Why it exists: on this CPU the ResNet-12 row is bound by convolution kernels (oneDNN's, which
+every library calls alike), so no execution strategy (batching tasks, vmap, fewer Python ops) can
+make it much faster than learn2learn; this script measures that share instead of asserting it.
+Each path runs one warm-up meta_step and then one profiled meta_step on the row's noise batch
+(the same data and weights as bench_meta_step.py).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_meta_step as bench  # noqa: E402
+
+from metalearn._io import atomic_json  # noqa: E402
+from metalearn.checkpoint import git_info  # noqa: E402
+
+CONV_FORWARD = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::slow_conv_transpose2d",
+                "aten::cudnn_convolution", "aten::_nnpack_spatial_convolution", "aten::slow_conv_dilated2d",
+                "aten::thnn_conv2d", "aten::cudnn_convolution_transpose")
+CONV_BACKWARD = ("aten::convolution_backward", "aten::_slow_conv2d_backward", "aten::mkldnn_convolution_backward")
+
+
+def profile_path(row: bench.Row, path: str, device: torch.device) -> dict:
+    model = bench.make_model(row, device)
+    fn = bench.meta_step_fn(path, row, model)
+    batch = bench.make_batch(row, device, seed=0)
+    fn(batch)  # warm-up
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(batch)
+        bench.sync(device)
+    wall = time.perf_counter() - t0
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(ops.values())
+    fwd = sum(v for k, v in ops.items() if k in CONV_FORWARD)
+    bwd = sum(v for k, v in ops.items() if k in CONV_BACKWARD)
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"path": path, "wall_s": round(wall, 3), "profiled_self_s": round(total, 3),
+            "conv_forward_s": round(fwd, 3), "conv_backward_s": round(bwd, 3),
+            "conv_share": round((fwd + bwd) / total, 4), "conv_share_of_wall": round((fwd + bwd) / wall, 4), "top_ops_self_s": {k: round(v, 3) for k, v in top}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--row", default="resnet12-5w1s-1step", choices=list(bench.ROWS))
+    ap.add_argument("--paths", default="hybrid,learn2learn")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row, device = bench.ROWS[args.row], torch.device(args.device)
+    results = []
+    for path in args.paths.split(","):
+        if not bench.available(path, row):
+            print(f"{path}: skipped (not installed)")
+            continue
+        r = profile_path(row, path, device)
+        results.append(r)
+        print(f"{row.name:22s} {path:14s} {r['wall_s']:8.2f} s   convolution kernels {100 * r['conv_share']:5.1f}% "
+              f"(forward {r['conv_forward_s']:.2f} s, backward {r['conv_backward_s']:.2f} s)", flush=True)
+    if args.out:
+        atomic_json({"command": "python " + " ".join(sys.argv), "row": row.name, "device": str(device),
+                               "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "cpu": platform.processor() or platform.machine(), "git": git_info(),
+                               "results": results}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
