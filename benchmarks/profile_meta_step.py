@@ -53,7 +53,8 @@ def profile_path(row: bench.Row, path: str, device: torch.device) -> dict:
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
     return {"path": path, "wall_s": round(wall, 3), "profiled_self_s": round(total, 3),
             "conv_forward_s": round(fwd, 3), "conv_backward_s": round(bwd, 3),
-            "conv_share": round((fwd + bwd) / total, 4), "conv_share_of_wall": round((fwd + bwd) / wall, 4), "top_ops_self_s": {k: round(v, 3) for k, v in top}}
+            "conv_share": round((fwd + bwd) / total, 4), "conv_share_of_wall": round((fwd + bwd) / wall, 4),
+            "top_ops_self_s": {k: round(v, 3) for k, v in top}}
 
 
 def main() -> int:
