@@ -200,7 +200,9 @@ def test_reptile_and_a_too_small_meta_batch_are_refused(tmp_path):
     proc = torchrun(2, "train", str(PRESET), "outer.algorithm=reptile", "tracking.out_dir=runs", cwd=tmp_path,
                     timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("metalearn: error: outer.algorithm=reptile cannot be split across processes") == 2
+    # Every rank refuses on its own, but torchrun stops the other ranks as soon as the first one exits, so on
+    # a busy machine the second rank may be stopped before it prints: at least one line.
+    assert 1 <= proc.stderr.count("metalearn: error: outer.algorithm=reptile cannot be split across processes") <= 2
     assert not (tmp_path / "runs").exists()
     with pytest.raises(MetalearnError, match="outer.meta_batch_size=1 is smaller than the 2 processes"):
         distributed.check_meta_batch(1, distributed.Context(rank=1, world_size=2))
@@ -211,7 +213,7 @@ def test_existing_run_folder_is_an_error_on_every_rank(one_process, tmp_path):
     proc = torchrun(2, "train", str(PRESET), *SINUSOID, f"tracking.out_dir={one_process.parent}", "tracking.name=run",
                     cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("already holds a run") == 2
+    assert 1 <= proc.stderr.count("already holds a run") <= 2  # torchrun may stop one rank before it prints
 
 
 @pytest.mark.slow
