@@ -1,0 +1,50 @@
+"""float32 against float64 for the ResNet-12 5-step row's noise batch: is a float32 disagreement between
+hybrid and the loop (bench_meta_step.py --check float32) a fault of the path or of the problem?
+
+    .venv/bin/python benchmarks/check_float32_resnet12.py 16,32,64,128
+
+Prints the global relative L2 error (over all parameters) and the max-abs relative error of the loop's
+and hybrid's float32 meta-gradients against the loop's float64 one, then hybrid's float64 distance to it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_meta_step as bench  # noqa: E402
+
+from metalearn.algorithms import MAML  # noqa: E402
+from metalearn.engine import Engine  # noqa: E402
+from metalearn.models import ResNet12  # noqa: E402
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    width = [int(c) for c in sys.argv[1].split(",")] if len(sys.argv) > 1 else [64, 160, 320, 640]
+    row = bench.ROWS["resnet12-5w1s-5step"]
+    batch = bench.make_batch(row, torch.device("cpu"), seed=123)  # the agreement check's batch
+
+    def grads(dtype: torch.dtype, path: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = ResNet12(3, 5, image_size=84, channels=width).to(dtype)
+        Engine(MAML(model, inner_lr=row.lr, inner_steps=row.steps), path).meta_step(bench.cast_batch(batch, dtype))
+        return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+    ref = grads(torch.float64, "loop")
+    for path in ("loop", "hybrid"):
+        g = grads(torch.float32, path)
+        l2, mx = (g - ref).norm() / ref.norm(), (g - ref).abs().max() / ref.abs().max()
+        print(f"widths {width} {path:6s} float32 vs loop float64: global relative L2 {l2:.3e}, "
+              f"max-abs relative {mx:.3e}", flush=True)
+    g = grads(torch.float64, "hybrid")
+    print(f"widths {width} hybrid float64 vs loop float64: global relative L2 {((g - ref).norm() / ref.norm()):.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
