@@ -1,4 +1,4 @@
-# make demo   meta-train a ProtoNet on Omniglot (about 3 minutes on 2 CPU cores), print 5-way 1-shot test accuracy ± 95% CI
+# make demo   meta-train a ProtoNet on Omniglot (about 2.5 minutes on 2 CPU cores), print 5-way 1-shot test accuracy ± 95% CI
 # make demo-maml  the same for second-order MAML (omniglot_5w1s_quick: about 3 minutes, about 93%)
 # make test   create .venv, install metalearn with its extras plus learn2learn and higher, run ruff, then pytest
 PYTHON ?= python3.11
