@@ -394,14 +394,27 @@ class Engine:
     def _query_images(x: Tensor) -> Tensor:
         return channels_last(x) if x.device.type == "cpu" and x.dim() >= 5 else x
 
+    def _hybrid_adapt(self, params: Params, batch: TaskBatch, sl: slice, *, steps: int, lr: Optional[float],
+                      first_order: bool) -> Params:
+        """Hybrid's support pass for tasks `sl`: the adapted names as (Tc, *shape). Several tasks run through
+        vmap; a chunk of one task (large per-task activations, see `_hybrid_chunks`) runs the task's own
+        forward, as the loop does: batching one task gains nothing, and vmap would cost its overhead and the
+        plain-reduction BatchNorm (metalearn/inner/norm.py) on every large support activation."""
+        if sl.stop - sl.start > 1:
+            return self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=first_order, twin=False)
+        algo, i = self.algorithm, sl.start
+        fast = self._adapt_task(algo.task_params(params), batch.support.x[i], batch.support.y[i], steps=steps,
+                                lr=lr, first_order=first_order).params
+        return {**fast, **{n: fast[n].unsqueeze(0) for n in algo.adapt}}
+
     def _hybrid_meta_step(self, batch: TaskBatch) -> Dict[str, float]:
         algo = self.algorithm
         params, T = algo.params(), batch.num_tasks
         query_x, last = self._query_images(batch.query.x), max(algo.inner_steps - 1, 0)
         total_loss, total_metric = 0.0, 0.0
         for sl in self._hybrid_chunks(batch):
-            fast = self._adapt_tasks(params, batch, sl, steps=algo.inner_steps, lr=None,
-                                     first_order=algo.current_first_order(), twin=False)
+            fast = self._hybrid_adapt(params, batch, sl, steps=algo.inner_steps, lr=None,
+                                      first_order=algo.current_first_order())
             names = [n for n in algo.adapt if fast[n].requires_grad]
             vjp = {n: torch.zeros_like(fast[n]) for n in names}
             for j, i in enumerate(range(sl.start, sl.stop)):
@@ -423,7 +436,7 @@ class Engine:
         params = {n: p.detach().requires_grad_(n in algo.adapt) for n, p in algo.params().items()}
         query_x, last, out = self._query_images(batch.query.x), max(steps - 1, 0), []
         for sl in self._hybrid_chunks(batch):
-            fast = self._adapt_tasks(params, batch, sl, steps=steps, lr=lr, first_order=True, twin=False)
+            fast = self._hybrid_adapt(params, batch, sl, steps=steps, lr=lr, first_order=True)
             for j, i in enumerate(range(sl.start, sl.stop)):
                 task = {**fast, **{n: fast[n][j].detach() for n in algo.adapt}}
                 out.append(algo.score(algo.forward_fn(task, query_x[i], last), batch.query.y[i]))
