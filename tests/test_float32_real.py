@@ -24,6 +24,16 @@ def relative_error(got: dict, ref: dict) -> float:
     return (num / sum((ref[n] ** 2).sum() for n in keys).sqrt()).item()
 
 
+def assert_as_accurate_as_the_loop(grads) -> None:
+    """grads(mode, dtype) -> {name: gradient}: every path's float32 error against the loop's float64 gradient
+    within 10x of the loop's own float32 error (and under 1e-4)."""
+    ref = grads("loop", torch.float64)
+    errors = {mode: relative_error(grads(mode, torch.float32), ref) for mode in PATHS}
+    assert errors["loop"] > 0, "float32 and float64 agree exactly: the comparison is vacuous"
+    for mode in PATHS:
+        assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, errors
+
+
 def meta_gradient(algorithm: str, images: torch.Tensor, mode: str, dtype: torch.dtype, seed: int) -> dict:
     """One meta-gradient of the quick preset's setting (conv4 with 32 filters, 5-way 1-shot, 5 query
     examples per class, one inner step of 0.4), 4 tasks of the training split."""
@@ -47,12 +57,7 @@ def train_images(omniglot):
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_path_is_as_accurate_as_the_loop_in_float32(train_images, algorithm, seed):
-    ref = meta_gradient(algorithm, train_images, "loop", torch.float64, seed)
-    errors = {mode: relative_error(meta_gradient(algorithm, train_images, mode, torch.float32, seed), ref)
-              for mode in PATHS}
-    assert errors["loop"] > 0, "float32 and float64 agree exactly: the comparison is vacuous"
-    for mode in PATHS:
-        assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, errors
+    assert_as_accurate_as_the_loop(lambda mode, dtype: meta_gradient(algorithm, train_images, mode, dtype, seed))
 
 
 def test_channels_last_batchnorm_is_as_accurate_as_nchw(train_images):
@@ -114,11 +119,7 @@ def test_vmap_paths_are_as_accurate_as_the_loop_in_float32(train_images, name):
         engine.meta_step(EpisodeSampler(train_images, 5, 1, 5, seed=0, split="train", dtype=dtype).sample(4))
         return {n: p.grad.double() for n, p in model.named_parameters()}
 
-    ref = grads("loop", torch.float64)
-    errors = {mode: relative_error(grads(mode, torch.float32), ref) for mode in PATHS}
-    assert errors["loop"] > 0, "float32 and float64 agree exactly: the comparison is vacuous"
-    for mode in PATHS:
-        assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, errors
+    assert_as_accurate_as_the_loop(grads)
 
 
 def _smooth_model() -> torch.nn.Module:
@@ -171,8 +172,4 @@ def test_several_inner_steps_are_as_accurate_as_the_loop_in_float32(train_images
         engine.meta_step(batch)
         return {n: p.grad.double() for n, p in model.named_parameters()}
 
-    ref = grads("loop", torch.float64)
-    errors = {mode: relative_error(grads(mode, torch.float32), ref) for mode in PATHS}
-    assert errors["loop"] > 0, "float32 and float64 agree exactly: the comparison is vacuous"
-    for mode in PATHS:
-        assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, errors
+    assert_as_accurate_as_the_loop(grads)
