@@ -57,6 +57,7 @@ from .errors import MetalearnError
 from .inner import adapt
 from .inner.batched import BatchedForward, batched_features, batched_forward, batched_head, task_vmap
 from .inner.layout import channels_last
+from .inner.norm import first_order_norms
 from .types import Params, TaskBatch
 
 EXECUTIONS = ("auto", "loop", "batched", "hybrid")
@@ -421,7 +422,8 @@ class Engine:
             vjp = {n: torch.zeros_like(fast[n]) for n in names}
             for j, i in enumerate(range(sl.start, sl.stop)):
                 leaves = {n: fast[n][j].detach().requires_grad_() for n in algo.adapt}
-                out = algo.forward_fn({**fast, **leaves}, query_x[i], last)
+                with first_order_norms():  # backpropagated once: BatchNorm's fused first-order backward
+                    out = algo.forward_fn({**fast, **leaves}, query_x[i], last)
                 loss = algo.loss_fn(out, batch.query.y[i])
                 (loss / T).backward()  # shared (non-adapted) parameters get their direct gradient here
                 for n in names:

@@ -10,8 +10,9 @@ model holds no mutable buffer that tasks could share.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from ..inner.norm import channels_last_batch_norm
 
 
 def flat_features(hidden: int, image_size: int) -> int:
@@ -59,14 +60,7 @@ def normalise(norm: nn.Module, h: Tensor) -> Tensor:
     module's own path unchanged.
     """
     if isinstance(norm, nn.BatchNorm2d) and not norm.track_running_stats and h.dim() == 4 and not h.is_contiguous():
-        m = h.numel() // h.shape[1]
-        mean = h.sum((0, 2, 3), keepdim=True) / m
-        d = h - mean
-        var = (d * d).sum((0, 2, 3), keepdim=True) / m
-        scale = torch.rsqrt(var + norm.eps)
-        if norm.affine:
-            return torch.addcmul(norm.bias[:, None, None], d, scale * norm.weight[:, None, None])
-        return d * scale
+        return channels_last_batch_norm(h, norm.weight, norm.bias, norm.eps)
     return norm(h)
 
 
