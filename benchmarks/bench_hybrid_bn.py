@@ -28,6 +28,7 @@ from metalearn.config import load_config
 from metalearn.data import EpisodeSampler, open_dataset
 from metalearn.engine import Engine
 from metalearn.models import conv4
+from metalearn.types import TaskBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +54,33 @@ def rel(g, ref):
             / torch.sqrt(sum((ref[n] ** 2).sum() for n in keys))).item()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+def time_variants(variants: dict, activate, batch, reps: int, errors: dict) -> "list[dict]":
+    """Hybrid meta-steps (+ Adam) on `batch`, the variants alternating rep by rep in this process (after one
+    warm-up rep each), `activate(variants[name])` before each; prints and returns a row per variant."""
+    model = conv4.Conv4(hidden=64)
+    algo = Engine(MAML(model, inner_lr=0.4, inner_steps=1), "hybrid")
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    times = {k: [] for k in variants}
+    for rep in range(reps + 1):
+        for name, v in variants.items():
+            activate(v)
+            t = time.perf_counter()
+            opt.zero_grad()
+            algo.meta_step(batch)
+            opt.step()
+            if rep:
+                times[name].append(1000 * (time.perf_counter() - t))
+    rows = [{"variant": k, "median_ms": statistics.median(v), "ms": [round(x, 1) for x in v],
+             "rel_l2_vs_float64": errors[k]} for k, v in times.items()]
+    for r in rows:
+        print(f"{r['variant']:42s} {r['median_ms']:8.1f} ms/step   float32 error {r['rel_l2_vs_float64']:.2e}")
+    return rows
+
+
+def setting(doc: str, threads: int) -> "tuple[argparse.Namespace, TaskBatch, TaskBatch]":
+    """(--threads/--reps/--tasks/--out, and one real Omniglot training batch of row 1 in float32 and float64)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--out", default="")
@@ -64,33 +89,22 @@ def main() -> int:
     cfg = load_config(ROOT / "experiments" / "configs" / "omniglot_5w1s_quick.yaml")
     ds, splits = open_dataset(cfg.data)
     images = ds.images[splits["train"]]
-    batch32 = EpisodeSampler(images, 5, 1, 15, seed=0, split="train", dtype=torch.float32).sample(args.tasks)
-    batch64 = EpisodeSampler(images, 5, 1, 15, seed=0, split="train", dtype=torch.float64).sample(args.tasks)
+    return args, *(EpisodeSampler(images, 5, 1, 15, seed=0, split="train", dtype=dt).sample(args.tasks)
+                   for dt in (torch.float32, torch.float64))
+
+
+def main() -> int:
+    args, batch32, batch64 = setting(__doc__, threads=2)
     conv4.normalise = EXACT
     _, ref = meta_gradient(batch64, torch.float64, "loop")
     loop_error = rel(meta_gradient(batch32, torch.float32, "loop")[1], ref)  # float32's own floor
     variants = {"exact-sums batchnorm (now)": EXACT, "channels-last-batchnorm (before)": native}
-    errors, times = {}, {k: [] for k in variants}
+    errors = {}
     for name, fn in variants.items():
         conv4.normalise = fn
         errors[name] = rel(meta_gradient(batch32, torch.float32)[1], ref)
-    model = conv4.Conv4(hidden=64)
-    algo = Engine(MAML(model, inner_lr=0.4, inner_steps=1), "hybrid")
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for rep in range(args.reps + 1):  # the first rep of each is a warm-up
-        for name, fn in variants.items():
-            conv4.normalise = fn
-            t = time.perf_counter()
-            opt.zero_grad()
-            algo.meta_step(batch32)
-            opt.step()
-            if rep:
-                times[name].append(1000 * (time.perf_counter() - t))
+    rows = time_variants(variants, lambda fn: setattr(conv4, "normalise", fn), batch32, args.reps, errors)
     conv4.normalise = EXACT
-    rows = [{"variant": k, "median_ms": statistics.median(v), "ms": [round(x, 1) for x in v],
-             "rel_l2_vs_float64": errors[k]} for k, v in times.items()]
-    for r in rows:
-        print(f"{r['variant']:34s} {r['median_ms']:8.1f} ms/step   float32 error {r['rel_l2_vs_float64']:.2e}")
     cost = rows[0]["median_ms"] / rows[1]["median_ms"]
     print(f"cost of the exact BatchNorm: x{cost:.3f} per meta-step; the loop's own float32 error: {loop_error:.2e}")
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu",
