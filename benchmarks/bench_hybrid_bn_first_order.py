@@ -1,4 +1,4 @@
-"""What the fused first-order BatchNorm of hybrid's query passes (metalearn/inner/norm.py BatchNormFirstOrder)
+"""What the fused first-order BatchNorm of hybrid's query passes (metalearn/models/batchnorm.py BatchNormFirstOrder)
 gains, against the reduction form differentiated by autograd (its reference, what hybrid ran before).
 
     .venv/bin/python benchmarks/bench_hybrid_bn_first_order.py --threads 1 --reps 7 \\

@@ -1,4 +1,4 @@
-"""BatchNormFirstOrder (metalearn/inner/norm.py), the fused first-order BatchNorm of hybrid's query passes,
+"""BatchNormFirstOrder (metalearn/models/batchnorm.py), the fused first-order BatchNorm of hybrid's query passes,
 against its reference `batch_norm_from_sums` differentiated by autograd: the same forward to the bit, the same
 gradients in float64 and as accurate in float32 on real Omniglot activations; a second differentiation refused;
 and hybrid's meta-step really runs it (so the float64 hybrid-vs-loop tests of test_batched.py cover it)."""
@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from metalearn.algorithms import MAML
 from metalearn.engine import Engine
-from metalearn.inner import norm as norm_module
+from metalearn.models import batchnorm as norm_module
 from metalearn.inner.layout import channels_last
-from metalearn.inner.norm import BatchNormFirstOrder, batch_norm_from_sums, channels_last_batch_norm, first_order_norms
+from metalearn.models.batchnorm import (BatchNormFirstOrder, batch_norm_from_sums, channels_last_batch_norm,
+                                       first_order_norms)
 from metalearn.models import Conv4
 from metalearn.types import Examples, TaskBatch
 

@@ -45,10 +45,12 @@ import copy
 import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..models.batchnorm import (BatchNormFirstOrder, batch_norm_from_sums, channels_last_batch_norm,  # noqa: F401
+                                first_order_norms)
 
 _UNDER_VMAP = contextvars.ContextVar("metalearn_norm_under_vmap", default=False)
 
@@ -62,84 +64,6 @@ def vmap_safe_norms() -> Iterator[None]:
         yield
     finally:
         _UNDER_VMAP.reset(token)
-
-
-def batch_norm_from_sums(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """BatchNorm with batch statistics, written from reductions: h (N, C, ...) -> (N, C, ...). Exact first and
-    second derivatives by autograd, also under vmap; two-pass (sum of squared deviations), accurate in float32."""
-    dims = (0, *range(2, h.dim()))
-    m = h.numel() // h.shape[1]
-    mean = h.sum(dims, keepdim=True) / m
-    d = h - mean
-    var = (d * d).sum(dims, keepdim=True) / m
-    shape = (1, -1) + (1,) * (h.dim() - 2)
-    scale = torch.rsqrt(var + eps)
-    if weight is None:
-        out = d * scale
-        return out if bias is None else out + bias.view(shape)
-    if bias is None:
-        return d * (scale * weight.view(shape))
-    return torch.addcmul(bias.view(shape), d, scale * weight.view(shape))
-
-
-_FIRST_ORDER = contextvars.ContextVar("metalearn_norm_first_order", default=False)
-
-
-@contextlib.contextmanager
-def first_order_norms() -> Iterator[None]:
-    """Inside: channels-last BatchNorm (`channels_last_batch_norm`) runs `BatchNormFirstOrder`, whose backward
-    is BatchNorm's closed-form gradient in a few fused passes, and which refuses to be differentiated twice.
-    For passes that are backpropagated once: hybrid's per-task query passes (metalearn/engine.py)."""
-    token = _FIRST_ORDER.set(True)
-    try:
-        yield
-    finally:
-        _FIRST_ORDER.reset(token)
-
-
-class BatchNormFirstOrder(torch.autograd.Function):
-    """`batch_norm_from_sums` (4-d h, affine) with a hand-written backward: the same forward, to the bit; the
-    gradient of BatchNorm in training mode, with M = N*H*W, xhat = (h - mean) * scale, scale = 1/sqrt(var + eps):
-
-        d bias = sum(g),   d weight = sum(g * xhat),
-        d h    = weight * scale * (g - d bias / M - xhat * d weight / M)
-
-    (sums over every dimension but the channels): five passes over h where autograd's backward of the
-    reduction form takes about nine. First order only: a backward with create_graph=True raises. Its reference is
-    `batch_norm_from_sums` (tests/test_generic_batched.py compares them in float64 and float32)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        m = h.numel() // h.shape[1]
-        mean = h.sum((0, 2, 3), keepdim=True) / m
-        d = h - mean
-        var = (d * d).sum((0, 2, 3), keepdim=True) / m
-        scale = torch.rsqrt(var + eps)
-        ctx.save_for_backward(d, scale, weight)
-        ctx.m = m
-        return torch.addcmul(bias.view(1, -1, 1, 1), d, scale * weight.view(1, -1, 1, 1))
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative would be silently missing
-            raise RuntimeError("BatchNormFirstOrder is first order only and cannot be differentiated twice "
-                               "(create_graph=True); run this pass outside metalearn.inner.norm.first_order_norms()")
-        d, scale, weight = ctx.saved_tensors
-        m = ctx.m
-        g_bias = g.sum((0, 2, 3))
-        g_xhat_sum = (g * d).sum((0, 2, 3), keepdim=True) * scale  # sum(g * xhat), per channel
-        g_weight = g_xhat_sum.view(-1)
-        t = torch.addcmul(g - (g_bias / m).view(1, -1, 1, 1), d, -(scale * g_xhat_sum) / m)
-        return t.mul_(scale * weight.view(1, -1, 1, 1)), g_weight, g_bias, None
-
-
-def channels_last_batch_norm(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """BatchNorm with batch statistics for a channels-last 4-d h: `batch_norm_from_sums`, or inside
-    `first_order_norms()` (affine, gradients wanted) the same forward with the fused first-order backward."""
-    if (_FIRST_ORDER.get() and weight is not None and bias is not None and h.dim() == 4
-            and torch.is_grad_enabled() and not _UNDER_VMAP.get()):
-        return BatchNormFirstOrder.apply(h, weight, bias, eps)
-    return batch_norm_from_sums(h, weight, bias, eps)
 
 
 class BatchStats(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..inner.norm import channels_last_batch_norm
+from .batchnorm import channels_last_batch_norm
 
 
 def flat_features(hidden: int, image_size: int) -> int:
