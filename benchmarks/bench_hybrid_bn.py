@@ -93,27 +93,33 @@ def setting(doc: str, threads: int) -> "tuple[argparse.Namespace, TaskBatch, Tas
                    for dt in (torch.float32, torch.float64))
 
 
-def main() -> int:
-    args, batch32, batch64 = setting(__doc__, threads=2)
-    conv4.normalise = EXACT
+def compare(args: argparse.Namespace, batch32: TaskBatch, batch64: TaskBatch, variants: dict, activate,
+            label: str) -> int:
+    """Each variant's float32 error against the loop's float64 meta-gradient, then their times alternating
+    (`time_variants`); prints "label: x<first/second>" and writes the JSON to args.out. Leaves the first active."""
     _, ref = meta_gradient(batch64, torch.float64, "loop")
     loop_error = rel(meta_gradient(batch32, torch.float32, "loop")[1], ref)  # float32's own floor
-    variants = {"exact-sums batchnorm (now)": EXACT, "channels-last-batchnorm (before)": native}
     errors = {}
-    for name, fn in variants.items():
-        conv4.normalise = fn
+    for name, v in variants.items():
+        activate(v)
         errors[name] = rel(meta_gradient(batch32, torch.float32)[1], ref)
-    rows = time_variants(variants, lambda fn: setattr(conv4, "normalise", fn), batch32, args.reps, errors)
-    conv4.normalise = EXACT
-    cost = rows[0]["median_ms"] / rows[1]["median_ms"]
-    print(f"cost of the exact BatchNorm: x{cost:.3f} per meta-step; the loop's own float32 error: {loop_error:.2e}")
+    rows = time_variants(variants, activate, batch32, args.reps, errors)
+    activate(next(iter(variants.values())))
+    ratio = rows[0]["median_ms"] / rows[1]["median_ms"]
+    print(f"{label}: x{ratio:.3f} per meta-step; the loop's own float32 error: {loop_error:.2e}")
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu",
-           "device_name": platform.machine(),
-           "torch": torch.__version__, "threads": args.threads, "tasks": args.tasks, "rows": rows, "time_ratio": cost,
-           "loop_rel_l2_vs_float64": loop_error}
+           "device_name": platform.machine(), "torch": torch.__version__, "threads": args.threads,
+           "tasks": args.tasks, "rows": rows, "time_ratio": ratio, "loop_rel_l2_vs_float64": loop_error}
     if args.out:
         print(f"wrote {atomic_json(out, args.out)}")
     return 0
+
+
+def main() -> int:
+    args, batch32, batch64 = setting(__doc__, threads=2)
+    variants = {"exact-sums batchnorm (now)": EXACT, "channels-last-batchnorm (before)": native}
+    return compare(args, batch32, batch64, variants, lambda fn: setattr(conv4, "normalise", fn),
+                   "cost of the exact BatchNorm")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ import torch.nn.functional as F
 
 from metalearn.algorithms import MAML
 from metalearn.engine import Engine
-from metalearn.models import batchnorm as norm_module
 from metalearn.inner.layout import channels_last
+from metalearn.models import Conv4
 from metalearn.models.batchnorm import (BatchNormFirstOrder, batch_norm_from_sums, channels_last_batch_norm,
                                        first_order_norms)
-from metalearn.models import Conv4
 from metalearn.types import Examples, TaskBatch
 
 
@@ -47,7 +46,7 @@ def test_fused_equals_the_reference_in_float64():
     assert torch.equal(fused[0], ref[0])  # the same forward operations
     for got, want in zip(fused[1:], ref[1:]):
         assert _rel(got, want) < 1e-12
-    assert _rel(ref[1], torch.zeros_like(ref[1]) + 1) > 0  # not vacuous: the gradients are not zero
+    assert all(r.abs().sum() > 0 for r in ref[1:])  # not vacuous: the gradients are not zero
 
 
 def test_fused_is_as_accurate_as_the_reference_in_float32_on_real_images(omniglot):
@@ -79,7 +78,7 @@ def test_outside_the_context_the_reference_runs():
 def test_hybrid_query_passes_run_the_fused_backward(monkeypatch):
     calls = []
     apply = BatchNormFirstOrder.apply
-    monkeypatch.setattr(norm_module.BatchNormFirstOrder, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(BatchNormFirstOrder, "apply", lambda *a: calls.append(1) or apply(*a))
     torch.manual_seed(0)
     model = Conv4(hidden=8).double()
     x = torch.rand(3, 10, 1, 28, 28, dtype=torch.float64)

@@ -19,16 +19,20 @@ import torch
 from torch import Tensor
 
 
+def _centred(h: Tensor, eps: float) -> "tuple[Tensor, Tensor]":
+    """(h - mean, 1 / sqrt(var + eps)) with batch statistics over every dimension but the channels (dim 1):
+    two-pass (sum of squared deviations), accurate in float32."""
+    dims = (0, *range(2, h.dim()))
+    m = h.numel() // h.shape[1]
+    d = h - h.sum(dims, keepdim=True) / m
+    return d, torch.rsqrt((d * d).sum(dims, keepdim=True) / m + eps)
+
+
 def batch_norm_from_sums(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """BatchNorm with batch statistics, written from reductions: h (N, C, ...) -> (N, C, ...). Exact first and
     second derivatives by autograd, also under vmap; two-pass (sum of squared deviations), accurate in float32."""
-    dims = (0, *range(2, h.dim()))
-    m = h.numel() // h.shape[1]
-    mean = h.sum(dims, keepdim=True) / m
-    d = h - mean
-    var = (d * d).sum(dims, keepdim=True) / m
+    d, scale = _centred(h, eps)
     shape = (1, -1) + (1,) * (h.dim() - 2)
-    scale = torch.rsqrt(var + eps)
     if weight is None:
         out = d * scale
         return out if bias is None else out + bias.view(shape)
@@ -61,17 +65,13 @@ class BatchNormFirstOrder(torch.autograd.Function):
 
     (sums over every dimension but the channels): five passes over h where autograd's backward of the
     reduction form takes about nine. First order only: a backward with create_graph=True raises. Its reference is
-    `batch_norm_from_sums` (tests/test_generic_batched.py compares them in float64 and float32)."""
+    `batch_norm_from_sums` (tests/test_norm_first_order.py compares them in float64 and float32)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        m = h.numel() // h.shape[1]
-        mean = h.sum((0, 2, 3), keepdim=True) / m
-        d = h - mean
-        var = (d * d).sum((0, 2, 3), keepdim=True) / m
-        scale = torch.rsqrt(var + eps)
+        d, scale = _centred(h, eps)  # batch_norm_from_sums's own forward operations
         ctx.save_for_backward(d, scale, weight)
-        ctx.m = m
+        ctx.m = h.numel() // h.shape[1]
         return torch.addcmul(bias.view(1, -1, 1, 1), d, scale * weight.view(1, -1, 1, 1))
 
     @staticmethod
