@@ -13,10 +13,11 @@ class; uniform noise images, which do not change the work done), 4 tasks, both a
 
 Each (algorithm, steps) runs in a fresh subprocess (bench_meta_step.py's method): on CPU the memory is how
 much the process's peak resident set size grew during the meta-steps (the interpreter, torch, the model and
-the batches excluded; sampled every millisecond); on CUDA, max_memory_allocated. The time per meta-step is
-printed beside it (informational; the CPU may be shared). Expected: MAML grows linearly with the steps
-(every step's activations and its backward graph are kept for the outer backward); iMAML stays flat (the
-inner loop keeps nothing; the CG solve holds one support pass's double-backward graph), as FOMAML does.
+the batches excluded; the kernel's high-water mark, reset when the meta-steps start); on CUDA,
+max_memory_allocated. The time per meta-step is printed beside it (informational; the CPU may be shared).
+Expected: MAML grows linearly with the steps (every step's activations and its backward graph are kept for
+the outer backward); iMAML stays flat (the inner loop keeps nothing; the CG solve holds one support pass's
+double-backward graph), as FOMAML does.
 """
 from __future__ import annotations
 

@@ -19,19 +19,21 @@ import torch
 from torch import Tensor
 
 
-def _centred(h: Tensor, eps: float) -> "tuple[Tensor, Tensor]":
-    """(h - mean, 1 / sqrt(var + eps)) with batch statistics over every dimension but the channels (dim 1):
-    two-pass (sum of squared deviations), accurate in float32."""
+def _centred(h: Tensor, eps: float) -> "tuple[Tensor, Tensor, Tensor]":
+    """(h - mean, 1 / sqrt(var + eps), (h - mean)**2) with batch statistics over every dimension but the
+    channels (dim 1): two-pass (sum of squared deviations), accurate in float32. The squares are returned so
+    that `BatchNormFirstOrder` can write its output into their memory."""
     dims = (0, *range(2, h.dim()))
     m = h.numel() // h.shape[1]
     d = h - h.sum(dims, keepdim=True) / m
-    return d, torch.rsqrt((d * d).sum(dims, keepdim=True) / m + eps)
+    squares = d * d
+    return d, torch.rsqrt(squares.sum(dims, keepdim=True) / m + eps), squares
 
 
 def batch_norm_from_sums(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """BatchNorm with batch statistics, written from reductions: h (N, C, ...) -> (N, C, ...). Exact first and
     second derivatives by autograd, also under vmap; two-pass (sum of squared deviations), accurate in float32."""
-    d, scale = _centred(h, eps)
+    d, scale, _ = _centred(h, eps)
     shape = (1, -1) + (1,) * (h.dim() - 2)
     if weight is None:
         out = d * scale
@@ -63,16 +65,19 @@ class BatchNormFirstOrder(torch.autograd.Function):
         d bias = sum(g),   d weight = sum(g * xhat),
         d h    = weight * scale * (g - d bias / M - xhat * d weight / M)
 
-    (sums over every dimension but the channels): five passes over h where autograd's backward of the
-    reduction form takes about nine. First order only: a backward with create_graph=True raises. Its reference is
-    `batch_norm_from_sums` (tests/test_norm_first_order.py compares them in float64 and float32)."""
+    (sums over every dimension but the channels): six passes over h, writing one activation-sized tensor, where
+    autograd's backward of the reduction form takes about nine and writes several. First order only: a backward
+    with create_graph=True raises. Its reference is `batch_norm_from_sums` (tests/test_norm_first_order.py
+    compares them in float64 and float32)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        d, scale = _centred(h, eps)  # batch_norm_from_sums's own forward operations
+        d, scale, squares = _centred(h, eps)  # batch_norm_from_sums's own forward operations
         ctx.save_for_backward(d, scale, weight)
         ctx.m = h.numel() // h.shape[1]
-        return torch.addcmul(bias.view(1, -1, 1, 1), d, scale * weight.view(1, -1, 1, 1))
+        # into the squares' memory: on a CPU a fresh activation-sized tensor costs page faults (its pages are
+        # new to the process), about as much as the arithmetic here
+        return torch.addcmul(bias.view(1, -1, 1, 1), d, scale * weight.view(1, -1, 1, 1), out=squares)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -82,9 +87,10 @@ class BatchNormFirstOrder(torch.autograd.Function):
         d, scale, weight = ctx.saved_tensors
         m = ctx.m
         g_bias = g.sum((0, 2, 3))
-        g_xhat_sum = (g * d).sum((0, 2, 3), keepdim=True) * scale  # sum(g * xhat), per channel
+        t = g * d  # one activation-sized buffer for the whole backward (see forward)
+        g_xhat_sum = t.sum((0, 2, 3), keepdim=True) * scale  # sum(g * xhat), per channel
         g_weight = g_xhat_sum.view(-1)
-        t = torch.addcmul(g - (g_bias / m).view(1, -1, 1, 1), d, -(scale * g_xhat_sum) / m)
+        torch.addcmul(g, d, -(scale * g_xhat_sum) / m, out=t).sub_((g_bias / m).view(1, -1, 1, 1))
         return t.mul_(scale * weight.view(1, -1, 1, 1)), g_weight, g_bias, None
 
 

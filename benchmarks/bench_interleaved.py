@@ -1,0 +1,101 @@
+"""Speed-up against learn2learn on a noisy machine: bench_meta_step.py's paths timed in one process, in
+alternating rounds, and the ratio taken within each round.
+
+    .venv/bin/python benchmarks/bench_interleaved.py --row omniglot-5w1s-1step --paths hybrid,learn2learn \\
+        --threads 2 --rounds 15 --out benchmarks/results/interleaved_row1_2threads_cpu.json
+
+Why it exists: bench_meta_step.py times each path in its own subprocess, one after the other. On this shared
+2-core machine the same path moved by up to 20% between two runs of the same command a minute apart
+(hybrid 2030 ms, then 2513 ms, on row 1 at 2 threads) while varying by 2% within a run, so a ratio of two
+paths timed minutes apart carries that drift. Here every round runs each path once (the order rotates from
+round to round) on the same meta-batch, and a path's speed-up is the median over rounds of
+time(learn2learn) / time(path) within the round, next to the median times. Peak memory is not measured
+(all paths share the process); bench_meta_step.py reports it.
+
+Each path gets its own model (the same initial weights), its own Adam and the row's meta-batches, as in
+bench_meta_step.py's worker; one warm-up round is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_meta_step as bench  # noqa: E402
+
+from metalearn._io import atomic_json  # noqa: E402
+from metalearn.checkpoint import git_info  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--row", default="omniglot-5w1s-1step", choices=list(bench.ROWS))
+    ap.add_argument("--paths", default="hybrid,learn2learn", help="learn2learn is added if missing")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.rounds < 1:
+        print("metalearn: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row, device = bench.ROWS[args.row], torch.device(args.device)
+    paths = [p for p in args.paths.split(",") if p]
+    if "learn2learn" not in paths:
+        paths.append("learn2learn")
+    missing = [p for p in paths if not bench.available(p, row)]
+    if missing:
+        print(f"metalearn: error: not available for {row.name}: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs = {}
+    for path in paths:
+        model = bench.make_model(row, device)
+        runs[path] = (bench.meta_step_fn(path, row, model), torch.optim.Adam(model.parameters(), lr=1e-3))
+    batches = [bench.make_batch(row, device, seed=i) for i in range(4)]
+    times = {p: [] for p in paths}
+    for r in range(args.rounds + 1):
+        order = paths[r % len(paths):] + paths[:r % len(paths)]
+        for path in order:
+            step, opt = runs[path]
+            bench.sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            step(batches[r % len(batches)])
+            opt.step()
+            bench.sync(device)
+            if r:  # round 0 warms up
+                times[path].append(time.perf_counter() - t0)
+        if r:
+            print(f"round {r:3d}: " + "  ".join(f"{p} {1000 * times[p][-1]:8.1f} ms" for p in paths), flush=True)
+    results = []
+    for path in paths:
+        ratios = [b / t for b, t in zip(times["learn2learn"], times[path])]
+        results.append({"path": path, "ms_median": round(1000 * statistics.median(times[path]), 1),
+                        "ms_min": round(1000 * min(times[path]), 1), "ms_max": round(1000 * max(times[path]), 1),
+                        "speedup_vs_learn2learn_median_of_rounds": round(statistics.median(ratios), 3),
+                        "speedup_vs_learn2learn_min": round(min(ratios), 3),
+                        "speedup_vs_learn2learn_max": round(max(ratios), 3)})
+        print(f"{row.name:22s} {path:12s} {results[-1]['ms_median']:9.1f} ms median; vs learn2learn "
+              f"{results[-1]['speedup_vs_learn2learn_median_of_rounds']:.3f}x (median of {args.rounds} rounds; "
+              f"range {results[-1]['speedup_vs_learn2learn_min']:.3f}-{results[-1]['speedup_vs_learn2learn_max']:.3f})")
+    if args.out:
+        record = {"command": "python " + " ".join(sys.argv), "row": row.name, "device": str(device),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "cpu": platform.processor() or platform.machine(), "git": git_info(), "rounds": args.rounds,
+                  "results": results}
+        print(f"wrote {atomic_json(record, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""benchmarks/roofline_meta_step.py counts the arithmetic of a meta-step; its bound is only as good as
+that count. torch's flop counter counts a grouped convolution's weight gradient as if ungrouped,
+which would make the batched paths (per-task weights as groups) look like more work than they are."""
+import importlib.util
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def roofline():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("roofline_meta_step", REPO / "benchmarks" / "roofline_meta_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_a_grouped_convolution_is_counted_as_its_multiplications(roofline, groups):
+    n, c, size, k = 2, 8, 6, 3
+    x = torch.randn(n, c, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, c // groups, k, k, dtype=torch.float64, requires_grad=True)
+    forward = 2 * n * size * size * c * (c // groups) * k * k  # padding 1: the output is size x size
+    total, conv = roofline.count_flops(lambda _: F.conv2d(x, w, padding=1, groups=groups).sum().backward(), None)
+    assert conv == 3 * forward  # the forward, the input gradient and the weight gradient, each the same work
+    x.requires_grad_(False)
+    total, conv = roofline.count_flops(lambda _: F.conv2d(x, w, padding=1, groups=groups).sum().backward(), None)
+    assert conv == 2 * forward
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_every_path_does_the_arithmetic_of_the_per_task_loop(roofline, steps):
+    """What makes the roofline bound hold for all paths: batching tasks (shared-weight batches, grouped
+    convolutions under vmap) does not change the floating-point work, so no path can beat learn2learn
+    by more than the ceiling allows. With torch's own count the batched paths would differ."""
+    bench = roofline.bench
+    row = replace(bench.ROWS["omniglot-5w1s-1step"], tasks=3, hidden=8, steps=steps, query=2)
+    batch = bench.make_batch(row, torch.device("cpu"), seed=0)
+    counts = {}
+    for path in ("loop", "batched", "hybrid") + (("learn2learn",) if bench.available("learn2learn", row) else ()):
+        fn = bench.meta_step_fn(path, row, bench.make_model(row, torch.device("cpu")))
+        counts[path] = roofline.count_flops(fn, batch)
+    assert counts["loop"][1] > 0 and len(set(counts.values())) == 1, counts
