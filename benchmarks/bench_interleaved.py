@@ -10,7 +10,8 @@ Why it exists: bench_meta_step.py times each path in its own subprocess, one aft
 paths timed minutes apart carries that drift. Here every round runs each path once (the order rotates from
 round to round) on the same meta-batch, and a path's speed-up is the median over rounds of
 time(learn2learn) / time(path) within the round, next to the median times. Peak memory is not measured
-(all paths share the process); bench_meta_step.py reports it.
+(all paths share the process); bench_meta_step.py reports it. glibc's MALLOC_* environment variables are
+recorded with the results: they change the time a lot here (see the README, "The CPU allocator").
 
 Each path gets its own model (the same initial weights), its own Adam and the row's meta-batches, as in
 bench_meta_step.py's worker; one warm-up round is not counted.
@@ -18,6 +19,7 @@ bench_meta_step.py's worker; one warm-up round is not counted.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -92,7 +94,7 @@ def main() -> int:
         record = {"command": "python " + " ".join(sys.argv), "row": row.name, "device": str(device),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "cpu": platform.processor() or platform.machine(), "git": git_info(), "rounds": args.rounds,
-                  "results": results}
+                  "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, "results": results}
         print(f"wrote {atomic_json(record, args.out)}")
     return 0
 
