@@ -86,3 +86,18 @@ def test_hybrid_query_passes_run_the_fused_backward(monkeypatch):
     batch = TaskBatch(Examples(x[:, :5], y[:, :5]), Examples(x[:, 5:], y[:, 5:]), 5, 1, 1)
     Engine(MAML(model, inner_lr=0.1, inner_steps=1), "hybrid").meta_step(batch)
     assert len(calls) == 3 * 4  # every task's query pass, each of conv4's four BatchNorm layers
+
+
+def test_mixed_precision_takes_the_torch_ops_backward():
+    """bfloat16 activations with float32 parameters (autocast on a CPU): PyTorch's BatchNorm backward kernel
+    refuses the mix, so BatchNormFirstOrder computes the same formula in torch ops; it stays close to the float64
+    reference (bfloat16 keeps 8 bits of mantissa) and returns gradients in each input's dtype."""
+    h, up, weight, bias = _activations(torch.float64)
+    ref = _grads(lambda *a: batch_norm_from_sums(*a, 1e-5), h, up, weight, bias)
+    hb, upb = h.bfloat16(), up.bfloat16()
+    hb_, w_, b_ = (t.detach().clone().requires_grad_() for t in (hb, weight.float(), bias.float()))
+    out = BatchNormFirstOrder.apply(hb_, w_, b_, 1e-5)
+    got = torch.autograd.grad(out, (hb_, w_, b_), upb)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, want in zip(got, ref[1:]):
+        assert _rel(g, want) < 5e-2

@@ -90,9 +90,19 @@ class BatchNormFirstOrder(torch.autograd.Function):
             raise RuntimeError("BatchNormFirstOrder is first order only and cannot be differentiated twice "
                                "(create_graph=True); run this pass outside first_order_norms()")
         h, mean, invstd, weight = ctx.saved_tensors
-        gi, gw, gb = torch.ops.aten.native_batch_norm_backward(g, h, weight, None, None, mean, invstd, True, ctx.eps,
-                                                               [True, True, True])
-        return gi, gw, gb, None
+        if h.dtype == weight.dtype == g.dtype and h.dtype in (torch.float32, torch.float64):
+            gi, gw, gb = torch.ops.aten.native_batch_norm_backward(g, h, weight, None, None, mean, invstd, True,
+                                                                   ctx.eps, [True, True, True])
+            return gi, gw, gb, None
+        # mixed or reduced precision (e.g. bfloat16 activations with float32 parameters under autocast), which
+        # the CPU kernel refuses: the same formula in torch ops, into one activation-sized buffer
+        m = h.numel() // h.shape[1]
+        d, scale = h - mean.view(1, -1, 1, 1), invstd.view(1, -1, 1, 1)
+        g_bias = g.sum((0, 2, 3))
+        t = g * d
+        g_xhat_sum = t.sum((0, 2, 3), keepdim=True) * scale  # sum(g * xhat), per channel
+        torch.addcmul(g, d, -(scale * g_xhat_sum) / m, out=t).sub_((g_bias / m).view(1, -1, 1, 1))
+        return t.mul_(scale * weight.view(1, -1, 1, 1)), g_xhat_sum.view(-1), g_bias, None
 
 
 def channels_last_batch_norm(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
