@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -68,15 +67,9 @@ def main() -> int:
     for r in range(args.rounds + 1):
         order = paths[r % len(paths):] + paths[:r % len(paths)]
         for path in order:
-            step, opt = runs[path]
-            bench.sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            step(batches[r % len(batches)])
-            opt.step()
-            bench.sync(device)
+            seconds = bench.meta_iteration(*runs[path], batches[r % len(batches)], device)
             if r:  # round 0 warms up
-                times[path].append(time.perf_counter() - t0)
+                times[path].append(seconds)
         if r:
             print(f"round {r:3d}: " + "  ".join(f"{p} {1000 * times[p][-1]:8.1f} ms" for p in paths), flush=True)
     results = []

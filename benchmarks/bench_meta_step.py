@@ -299,6 +299,17 @@ class RssPeak:
         self.peak = max(self.peak, self._rss(), 0 if self.sampled else self._high_water_mark())
 
 
+def meta_iteration(step, opt: torch.optim.Optimizer, batch: TaskBatch, device: torch.device) -> float:
+    """Seconds of one timed meta-iteration: zero_grad, step(batch), the optimiser's step, a device synchronise."""
+    sync(device)
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    step(batch)
+    opt.step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def worker(row: Row, path: str, device: torch.device, reps: int, warmup: int) -> dict:
     """Time one (row, path) in this process; returns ms stats and peak memory."""
     model = make_model(row, device)
@@ -311,17 +322,11 @@ def worker(row: Row, path: str, device: torch.device, reps: int, warmup: int) ->
     rss = RssPeak()
     with rss:
         for i in range(warmup + reps):
-            batch = batches[i % len(batches)]
-            sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            step(batch)
-            opt.step()
-            sync(device)
+            seconds = meta_iteration(step, opt, batches[i % len(batches)], device)
             if i >= warmup:
-                times.append(1000 * (time.perf_counter() - t0))
+                times.append(1000 * seconds)
             elif i == 0:  # compiled paths: includes the compilation
-                first = round(time.perf_counter() - t0, 2)
+                first = round(seconds, 2)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     else:  # growth of the resident set during the meta-steps (interpreter, torch, model and batches excluded)

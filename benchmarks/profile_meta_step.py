@@ -35,18 +35,35 @@ CONV_FORWARD = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten:
 CONV_BACKWARD = ("aten::convolution_backward", "aten::_slow_conv2d_backward", "aten::mkldnn_convolution_backward")
 
 
+def op_seconds(fn, batch, device: torch.device) -> "tuple[dict[str, float], float]":
+    """(self time in seconds of every operator, wall seconds) of one fn(batch) under torch.profiler; the wall
+    time covers the profiled call only, not the profiler's bookkeeping after it."""
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(batch)
+        bench.sync(device)
+    wall = time.perf_counter() - t0
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}, wall
+
+
+def row_parser(doc: str) -> argparse.ArgumentParser:
+    """The options this script and roofline_meta_step.py share: --row, --paths, --device, --threads, --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--row", default="resnet12-5w1s-1step", choices=list(bench.ROWS))
+    ap.add_argument("--paths", default="hybrid,learn2learn")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="")
+    return ap
+
+
 def profile_path(row: bench.Row, path: str, device: torch.device) -> dict:
     model = bench.make_model(row, device)
     fn = bench.meta_step_fn(path, row, model)
     batch = bench.make_batch(row, device, seed=0)
     fn(batch)  # warm-up
     model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn(batch)
-        bench.sync(device)
-    wall = time.perf_counter() - t0
-    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    ops, wall = op_seconds(fn, batch, device)
     total = sum(ops.values())
     fwd = sum(v for k, v in ops.items() if k in CONV_FORWARD)
     bwd = sum(v for k, v in ops.items() if k in CONV_BACKWARD)
@@ -58,13 +75,7 @@ def profile_path(row: bench.Row, path: str, device: torch.device) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--row", default="resnet12-5w1s-1step", choices=list(bench.ROWS))
-    ap.add_argument("--paths", default="hybrid,learn2learn")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = row_parser(__doc__).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     row, device = bench.ROWS[args.row], torch.device(args.device)

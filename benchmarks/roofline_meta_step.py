@@ -28,7 +28,6 @@ on this core, whatever the execution strategy; only an algorithm with fewer mult
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -37,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_meta_step as bench  # noqa: E402
-from profile_meta_step import CONV_BACKWARD, CONV_FORWARD  # noqa: E402
+from profile_meta_step import CONV_BACKWARD, CONV_FORWARD, op_seconds, row_parser  # noqa: E402
 
 from metalearn._io import atomic_json  # noqa: E402
 from metalearn.checkpoint import git_info  # noqa: E402
@@ -79,11 +77,9 @@ def count_flops(fn, batch) -> tuple[int, int]:
     return int(total), int(conv)
 
 
-def conv_seconds(fn, batch) -> float:
+def conv_seconds(fn, batch, device: torch.device) -> float:
     """Self time of the convolution kernels in one fn(batch), under torch.profiler."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn(batch)
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_FORWARD + CONV_BACKWARD) / 1e6
+    return sum(s for op, s in op_seconds(fn, batch, device)[0].items() if op in CONV_FORWARD + CONV_BACKWARD)
 
 
 def measure_path(row: bench.Row, path: str, device: torch.device, reps: int) -> dict:
@@ -99,7 +95,7 @@ def measure_path(row: bench.Row, path: str, device: torch.device, reps: int) -> 
         bench.sync(device)
         walls.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    conv_s = conv_seconds(fn, batch)
+    conv_s = conv_seconds(fn, batch, device)
     model.zero_grad(set_to_none=True)
     flops, conv_flops = count_flops(fn, batch)
     wall = statistics.median(walls)
@@ -151,17 +147,16 @@ def ceiling(row: bench.Row, device: torch.device) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--row", default="resnet12-5w1s-1step", choices=list(bench.ROWS))
-    ap.add_argument("--paths", default="hybrid,learn2learn")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = row_parser(__doc__)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     row, device = bench.ROWS[args.row], torch.device(args.device)
+    if row.model == "mlp":
+        print(f"metalearn: error: --row {row.name}: the MLP has no convolutions, and this bound counts only "
+              "convolutions", file=sys.stderr)
+        return 2
     rates = ceiling(row, device)
     top = max(rates.values())
     print(f"ceiling: {top:.1f} GFLOP/s ({max(rates, key=rates.get)}); matmul 2048: {rates['matmul_2048']:.1f}",
