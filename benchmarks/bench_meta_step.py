@@ -366,6 +366,11 @@ def main() -> int:
         print(f"bench_meta_step: unknown row or path: {', '.join(unknown)}", file=sys.stderr)
         return 2
     results = []
+    header = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
+              "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                              else platform.processor() or platform.machine()),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+              "tf32": False}
     for name in args.rows.split(","):
         row = ROWS[name]
         paths = [p for p in args.paths.split(",") if available(p, row)]
@@ -390,19 +395,21 @@ def main() -> int:
                   f"(min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
                   f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB"
                   + (f"  first step {res['first_step_s']:.1f} s" if path in COMPILED else ""), flush=True)
+        if args.out:  # after every row, so a run stopped by a time limit keeps the rows it finished
+            atomic_json({**header, "complete": False, "results": with_speedups(results)}, args.out)
+    if args.out:
+        print(f"wrote {atomic_json({**header, 'complete': True, 'results': with_speedups(results)}, args.out)}")
+    return 0
+
+
+def with_speedups(results: list[dict]) -> list[dict]:
+    """results, each with its speed-ups against the baselines (and the loop) of the same row."""
     for r in results:  # speed-ups against the baselines of the same row
         for base in (*BASELINES, "loop"):
             other = next((o for o in results if o["row"] == r["row"] and o["path"] == base), None)
             if other is not None and base != r["path"]:
                 r[f"speedup_vs_{base}"] = round(other["ms_median"] / r["ms_median"], 3)
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
-           "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else platform.processor() or platform.machine()),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-           "tf32": False, "results": results}
-    if args.out:
-        print(f"wrote {atomic_json(out, args.out)}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

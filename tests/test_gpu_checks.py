@@ -11,7 +11,7 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_gpu_checks_dry_run_produces_every_result(tmp_path, data_root, cache_dir):
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": os.environ.get("PYTHON", "python"),
+    env = {**os.environ, "DRY_RUN": "1", "REPRO": "1", "OUT": str(tmp_path), "PYTHON": os.environ.get("PYTHON", "python"),
            "METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)}
     import sys
 
@@ -22,8 +22,11 @@ def test_gpu_checks_dry_run_produces_every_result(tmp_path, data_root, cache_dir
     assert proc.returncode == 0 and "== " in log and "done" in log.splitlines()[-1], proc.stdout + proc.stderr
     assert "passed" in log and "failed" not in log, log
     bench = json.loads((tmp_path / "meta_step_cpu.json").read_text())
-    assert bench["results"], bench
+    assert bench["results"] and bench["complete"], bench
+    assert {r["path"] for r in bench["results"]} >= {"loop", "batched", "hybrid"}, bench
     assert json.loads((tmp_path / "precision_cpu.json").read_text())["results"]
+    for name in ("meta_step_cpu_resnet12_5step.json", "meta_step_cpu_compiled.json"):
+        assert json.loads((tmp_path / name).read_text())["complete"], name
     result = json.loads((tmp_path / "maml_omniglot_5w1s-seed0.json").read_text())
     assert result["preset"] == "maml_omniglot_5w1s" and len(result["values"]) == 4
     assert (tmp_path / "maml_run.tgz").stat().st_size > 0
