@@ -3,6 +3,7 @@ step runs (tiny) and leaves its result file, so the script is known to work befo
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -11,11 +12,8 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_gpu_checks_dry_run_produces_every_result(tmp_path, data_root, cache_dir):
-    env = {**os.environ, "DRY_RUN": "1", "REPRO": "1", "OUT": str(tmp_path), "PYTHON": os.environ.get("PYTHON", "python"),
+    env = {**os.environ, "DRY_RUN": "1", "REPRO": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "METALEARN_DATA": str(data_root), "METALEARN_CACHE": str(cache_dir)}
-    import sys
-
-    env["PYTHON"] = sys.executable
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     log = (tmp_path / "log.txt").read_text()
