@@ -291,6 +291,37 @@ def test_stateless_view_shares_parameters_and_follows_modes():
     assert stateless(model).head is model.head
 
 
+@pytest.mark.parametrize("under_vmap", [False, True])
+def test_the_norm_policy_reaches_code_that_torch_compile_traces(under_vmap):
+    """metalearn/compiled.py traces `forward` (hence `stateless`) with torch.compile inside vmap_safe_norms().
+    The policy must reach the trace: dynamo of torch 2.13 and older cannot trace the ContextVar that eager code
+    reads (a torch 2.11 GPU run failed there), so the trace reads its plain-global mirror. Checked on the graph
+    dynamo captures (backend "eager": no inductor): BatchNorm's kernel outside, the reduction form inside."""
+    import contextlib
+
+    from metalearn.inner.loop import forward
+    from metalearn.inner.norm import vmap_safe_norms
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).double()
+    params = dict(model.named_parameters())
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    stateless(model, all_batch_norms=under_vmap)  # the view is built outside the trace, as compiled.py's _norms does
+    torch._dynamo.reset()
+    fn = torch.compile(lambda p, x: forward(model, p, x), backend=backend, fullgraph=True, dynamic=False)
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    with vmap_safe_norms() if under_vmap else contextlib.nullcontext():
+        out = fn(params, x)
+        torch.testing.assert_close(out, forward(model, params, x), rtol=1e-12, atol=1e-12)
+    assert len(graphs) == 1
+    assert any("batch_norm" in t for t in graphs[0]) is not under_vmap, graphs[0]
+    torch._dynamo.reset()
+
+
 def test_dropout_is_off_in_evaluation_and_independent_per_task_in_training():
     """Evaluation runs the model in eval mode (dropout off: repeated evaluations agree); in the batched
     meta-step each task draws its own dropout mask (vmap randomness='different')."""

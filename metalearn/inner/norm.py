@@ -45,6 +45,7 @@ import copy
 import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -53,17 +54,23 @@ from ..models.batchnorm import (BatchNormFirstOrder, batch_norm_from_sums, chann
                                 first_order_norms)
 
 _UNDER_VMAP = contextvars.ContextVar("metalearn_norm_under_vmap", default=False)
+# The same flag as a plain global, for code that torch.compile traces: its dynamo (torch 2.13 and older) cannot
+# trace ContextVar.get, while a global's value is read at trace time and guarded. Only the tracing reads it.
+_under_vmap_traced = False
 
 
 @contextlib.contextmanager
 def vmap_safe_norms() -> Iterator[None]:
     """Inside: `stateless` views also replace every BatchNorm layer, with the plain-reduction form (the
     generic batched path enters this around its vmap)."""
-    token = _UNDER_VMAP.set(True)
+    global _under_vmap_traced
+    token, traced = _UNDER_VMAP.set(True), _under_vmap_traced
+    _under_vmap_traced = True
     try:
         yield
     finally:
         _UNDER_VMAP.reset(token)
+        _under_vmap_traced = traced
 
 
 class BatchStats(nn.Module):
@@ -139,7 +146,7 @@ def stateless(model: nn.Module, all_batch_norms: Optional[bool] = None) -> nn.Mo
     `BatchStats` (all BatchNorm layers, in the reduction form, when `all_batch_norms`; default: inside
     `vmap_safe_norms()`). `model` itself when there is nothing to replace."""
     if all_batch_norms is None:
-        all_batch_norms = _UNDER_VMAP.get()
+        all_batch_norms = _under_vmap_traced if torch.compiler.is_compiling() else _UNDER_VMAP.get()
     views = _VIEWS.get(model)
     if views is None:
         views = _VIEWS[model] = {}
