@@ -395,8 +395,8 @@ def main() -> int:
                   f"(min {res['ms_min']:.1f}, max {res['ms_max']:.1f})"
                   f"  {res['tasks_per_s']:8.1f} tasks/s  peak {res['peak_mib']:.0f} MiB"
                   + (f"  first step {res['first_step_s']:.1f} s" if path in COMPILED else ""), flush=True)
-        if args.out:  # after every row, so a run stopped by a time limit keeps the rows it finished
-            atomic_json({**header, "complete": False, "results": with_speedups(results)}, args.out)
+            if args.out:  # after every path, so a run stopped by a time limit keeps what it finished
+                atomic_json({**header, "complete": False, "results": with_speedups(results)}, args.out)
     if args.out:
         print(f"wrote {atomic_json({**header, 'complete': True, 'results': with_speedups(results)}, args.out)}")
     return 0

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/check_precision.py --device cpu --out benchmarks/results/precision_cpu.json
     python benchmarks/check_precision.py --device cuda --out benchmarks/results/precision_h100.json  # adds tf32
     .venv/bin/python benchmarks/check_precision.py --real --threads 1 --out benchmarks/results/precision_real_cpu.json
+    python benchmarks/check_precision.py --real --device cuda --out benchmarks/results/precision_real_h200.json
 
 For each setting (bench_meta_step's rows, with fewer tasks on a CPU) the meta-gradient of one
 meta-batch (the same weights and data) is computed in float64 (the reference), then in each
@@ -50,8 +51,8 @@ def meta_gradient(row, batch: TaskBatch, device: torch.device, dtype: torch.dtyp
     return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
 
-def real_data_check(args: argparse.Namespace) -> dict:
-    """float32 vs float64 meta-gradients of every execution path on real Omniglot batches."""
+def real_data_check(args: argparse.Namespace, device: torch.device) -> dict:
+    """float32 vs float64 meta-gradients of every execution path on real Omniglot batches (TF32 off on CUDA)."""
     from metalearn.config import load_config
     from metalearn.data import EpisodeSampler, open_dataset
     from metalearn.models.conv4 import Conv4
@@ -62,9 +63,10 @@ def real_data_check(args: argparse.Namespace) -> dict:
 
     def grad(mode: str, dtype: torch.dtype, seed: int, algorithm: str) -> dict:
         torch.manual_seed(0)
-        model = Conv4(hidden=32).to(dtype)
+        model = Conv4(hidden=32).to(device, dtype)
         algo = Engine(ALGORITHMS[algorithm](model, inner_lr=0.4, inner_steps=1), mode)
-        algo.meta_step(EpisodeSampler(images, 5, 1, 5, seed=seed, split="train", dtype=dtype).sample(args.tasks or 4))
+        algo.meta_step(EpisodeSampler(images, 5, 1, 5, seed=seed, split="train", dtype=dtype).sample(args.tasks or 4)
+                       .to(device))
         named = dict(model.named_parameters())
         named.update({f"learnable.{i}": p for i, p in enumerate(algo.meta_parameters())})
         return {n: p.grad.double() for n, p in named.items()}
@@ -102,8 +104,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.real:
-        out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu",
-               "device_name": platform.machine(), "torch": torch.__version__, **real_data_check(args)}
+        set_precision("fp32", device)
+        out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+               "torch": torch.__version__, **real_data_check(args, device)}
         if args.out:
             print(f"wrote {atomic_json(out, args.out)}")
         return 0
