@@ -10,7 +10,9 @@ set, query loss, outer backward) + Adam step; the timed region ends with a devic
 Each (row, path) is timed in a fresh subprocess, so its peak memory is its own: CUDA's
 max_memory_allocated on GPU; on CPU, how much the process's peak resident set size (the kernel's
 VmHWM, reset when timing starts) grew during the timed iterations (the interpreter, torch, the model
-and the batches excluded).
+and the batches excluded). On CUDA, --in-process times the paths one after another in this process
+instead (max_memory_allocated reset per path, the caching allocator emptied between them): a fresh
+process costs ~15 s on a lent GPU machine.
 
 Rows (the issue's table; images are uniform noise of the right shape, which does not change the
 work done; conv4 with BatchNorm, 15 query examples per class, second order unless stated):
@@ -45,6 +47,7 @@ is reported as skipped.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import os
@@ -349,6 +352,11 @@ def main() -> int:
                     help="the agreement gate's dtype: float64 (default; 1e-8 relative) or float32 only, for rows "
                          "whose float64 passes take minutes (ResNet-12 at 84x84: its exactness is tested in "
                          "float64 at small width, tests/test_generic_batched.py)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="time every path in this process instead of a fresh process each (for CUDA, where "
+                         "max_memory_allocated is reset per path: on a lent GPU machine a fresh process costs ~15 s "
+                         "of interpreter, torch and CUDA start; on a CPU the resident-set growth it reports can be "
+                         "low, memory freed by earlier paths being reused)")
     ap.add_argument("--worker", nargs=2, metavar=("ROW", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -370,7 +378,7 @@ def main() -> int:
               "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                               else platform.processor() or platform.machine()),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-              "tf32": False}
+              "tf32": False, "in_process": args.in_process}
     for name in args.rows.split(","):
         row = ROWS[name]
         paths = [p for p in args.paths.split(",") if available(p, row)]
@@ -384,10 +392,16 @@ def main() -> int:
                   f"difference {bad})", file=sys.stderr)
             return 1
         for path in paths:
-            cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
-                   str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
-            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            if args.in_process:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                res = worker(row, path, device, args.reps, args.warmup)
+            else:
+                cmd = [sys.executable, __file__, "--device", args.device, "--reps", str(args.reps), "--warmup",
+                       str(args.warmup), "--threads", str(args.threads), "--worker", name, path]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
             res.update(row=name, path=path, grad_rel_diff_vs_loop_float64=agree.get(path),
                        grad_rel_diff_vs_loop_float32=agree32[path], setting=asdict(row))
             results.append(res)

@@ -12,10 +12,13 @@
 #   2. bench_meta_step.py on CUDA against learn2learn and higher, in priority order: conv4 row 1, ResNet-12
 #      1 and 5 steps, the user model, then the other conv4 rows. Each row first checks every path's
 #      meta-gradient against the loop's in float64 on the GPU (the gate: 1e-8 relative), so this is also
-#      the exactness check of the batched, hybrid and generic vmap paths on CUDA.
-#   3. check_precision.py: fp32 / tf32 / bf16 against float64 on CUDA.
-#   4. torch.compile (outer.compile) on conv4 row 1 against eager batched, for the time left: its first
-#      step includes the compilation.
+#      the exactness check of the batched, hybrid and generic vmap paths on CUDA. --in-process: on the lent
+#      H200 a fresh process per path cost ~15 s (2026-11-30), which left most rows unmeasured.
+#   3. torch.compile (outer.compile) on conv4 row 1 against eager batched: its first step includes the
+#      compilation (68 s on the H200, 2026-11-30).
+#   4. check_precision.py: fp32 / tf32 / bf16 against float64 on CUDA (noise batches), and float32 of
+#      every path on real Omniglot batches (--real; needs .data).
+#   Then step 2's other conv4 rows for the time left.
 #   5. Only with REPRO=1: the full-protocol MAML Omniglot 5w1s reproduction (experiments/reproduce.py) for
 #      the time left, as one resumable piece; the run folder comes back as $OUT/maml_run.tgz (carry it to
 #      the next call, tar -xzf into runs/reproduce, and the run continues where it stopped).
@@ -24,7 +27,10 @@
 # (ignored), carried. higher and gym are pure Python (pip wheel --no-deps higher==0.2.1 gym==0.26.2
 # gym_notices); learn2learn 0.2.0's sdist ships C files from an old Cython that Python 3.12 cannot compile:
 # regenerate them (cython -3 learn2learn/data/*.pyx with Cython 3 under Python 3.12) and pip wheel that tree.
-# Data for step 5 and the real-data tests: cp -r ../shared/data/omniglot .data/ (ignored), carry ".data".
+# metalearn's own needs missing there go in .gpu/ too: omegaconf 2.4.0, pooch and platformdirs (pure Python).
+# Data for steps 4 and 5: cp -r ../shared/data/omniglot .data/ (ignored), carry ".data" and, to skip decoding
+# it there, the two .cache/metalearn/omniglot-28px-* files. Command (device tool, timeout_s 540):
+#   OUT=$OUT BUDGET=480 PYTHON=python3 bash benchmarks/gpu_checks.sh      carry: .gpu .data (+ the cache files)
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DRY_RUN=${DRY_RUN:-0}
@@ -69,27 +75,34 @@ timeout 90 $PY -m pytest -q "${TESTS[@]}" -p no:cacheprovider 2>&1 | tail -3 | t
 
 PATHS=loop,batched,hybrid,learn2learn,higher
 bench() {  # bench ROWS CHECK OUT LIMIT
-  timeout "$4" $PY benchmarks/bench_meta_step.py --device $DEVICE --reps $REPS --warmup $WARMUP --rows "$1" \
+  timeout "$4" $PY benchmarks/bench_meta_step.py --device $DEVICE --in-process --reps $REPS --warmup $WARMUP --rows "$1" \
     --paths $PATHS --check "$2" --out "$OUT/$3" 2>&1 | grep -v -i gym | tee -a "$OUT/log.txt"
 }
 log "2. meta-step benchmark against learn2learn / higher"
-bench "$ROWS1" float64 meta_step_$DEVICE.json 170
-bench "$ROWS2" float32 meta_step_${DEVICE}_resnet12_5step.json 60
-T=$(( $(left) - 150 ))
-if [ -n "$ROWS3" ] && [ "$T" -gt 30 ]; then bench "$ROWS3" float64 meta_step_${DEVICE}_more.json $T; fi
+bench "$ROWS1" float64 meta_step_$DEVICE.json 150
+bench "$ROWS2" float32 meta_step_${DEVICE}_resnet12_5step.json 90
 
-log "3. reduced precision against float64"
-timeout 60 $PY benchmarks/check_precision.py --device $DEVICE --seeds $SEEDS ${PREC_ROWS:+--rows $PREC_ROWS} \
+if [ "$REPRO" = 1 ] && [ "$DRY_RUN" != 1 ]; then
+  log "3. skipped: REPRO=1 leaves the time to the reproduction"
+else
+  log "3. torch.compile against eager batched, row $COMPILE_ROW"
+  timeout 150 $PY benchmarks/bench_meta_step.py --device $DEVICE --in-process --reps $REPS --warmup 1 \
+    --rows $COMPILE_ROW --paths $COMPILE_PATHS --check float32 --out "$OUT/meta_step_${DEVICE}_compiled.json" 2>&1 \
+    | grep -v -i gym | tee -a "$OUT/log.txt"
+fi
+
+log "4. reduced precision against float64 (noise batches), and float32 on real Omniglot batches"
+timeout 45 $PY benchmarks/check_precision.py --device $DEVICE --seeds $SEEDS ${PREC_ROWS:+--rows $PREC_ROWS} \
   --out "$OUT/precision_$DEVICE.json" 2>&1 | tail -8 | tee -a "$OUT/log.txt"
+if [ -d "$METALEARN_DATA/omniglot" ]; then
+  timeout 40 $PY benchmarks/check_precision.py --real --device $DEVICE --seeds $SEEDS \
+    --out "$OUT/precision_real_$DEVICE.json" 2>&1 | tail -5 | tee -a "$OUT/log.txt"
+fi
 
 T=$(( $(left) - 5 ))
-if [ "$REPRO" = 1 ] && [ "$DRY_RUN" != 1 ]; then
-  log "4. skipped: REPRO=1 leaves the time to the reproduction"
-elif [ "$T" -gt 30 ]; then
-  log "4. torch.compile against eager batched, row $COMPILE_ROW: $T s"
-  timeout $T $PY benchmarks/bench_meta_step.py --device $DEVICE --reps $REPS --warmup 1 --rows $COMPILE_ROW \
-    --paths $COMPILE_PATHS --check float32 --out "$OUT/meta_step_${DEVICE}_compiled.json" 2>&1 \
-    | grep -v -i gym | tee -a "$OUT/log.txt"
+if [ -n "$ROWS3" ] && [ "$REPRO" != 1 ] && [ "$T" -gt 30 ]; then
+  log "2b. the other rows, for the $T s left"
+  bench "$ROWS3" float64 meta_step_${DEVICE}_more.json $T
 fi
 
 T=$(( $(left) - 30 ))

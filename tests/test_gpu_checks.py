@@ -23,6 +23,7 @@ def test_gpu_checks_dry_run_produces_every_result(tmp_path, data_root, cache_dir
     assert bench["results"] and bench["complete"], bench
     assert {r["path"] for r in bench["results"]} >= {"loop", "batched", "hybrid"}, bench
     assert json.loads((tmp_path / "precision_cpu.json").read_text())["results"]
+    assert json.loads((tmp_path / "precision_real_cpu.json").read_text())["results"]
     for name in ("meta_step_cpu_resnet12_5step.json", "meta_step_cpu_compiled.json"):
         assert json.loads((tmp_path / name).read_text())["complete"], name
     result = json.loads((tmp_path / "maml_omniglot_5w1s-seed0.json").read_text())
