@@ -49,6 +49,8 @@ def meta_step_table(path: Path) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {ratio} | {mem} |")
     kinds = {r["memory"] for r in d["results"]}
     lines += ["", "Memory: " + ", ".join(sorted(kinds)) + "."]
+    if d.get("complete") is False:
+        lines += ["", "Incomplete: the run stopped at its time limit; a dash is a path it did not reach."]
     if d.get("note"):
         lines += ["", f"Note: {d['note']}"]
     return "\n".join(lines)
