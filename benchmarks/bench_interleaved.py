@@ -9,7 +9,8 @@ Why it exists: bench_meta_step.py times each path in its own subprocess, one aft
 (hybrid 2030 ms, then 2513 ms, on row 1 at 2 threads) while varying by 2% within a run, so a ratio of two
 paths timed minutes apart carries that drift. Here every round runs each path once (the order rotates from
 round to round) on the same meta-batch, and a path's speed-up is the median over rounds of
-time(learn2learn) / time(path) within the round, next to the median times. Peak memory is not measured
+time(learn2learn) / time(path) within the round, next to the median times and the median count of minor
+page faults per meta-iteration (the allocator's doing; it moves the time). Peak memory is not measured
 (all paths share the process); bench_meta_step.py reports it. glibc's MALLOC_* environment variables are
 recorded with the results: they change the time a lot here (see the README, "The CPU allocator").
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -63,13 +65,15 @@ def main() -> int:
         model = bench.make_model(row, device)
         runs[path] = (bench.meta_step_fn(path, row, model), torch.optim.Adam(model.parameters(), lr=1e-3))
     batches = [bench.make_batch(row, device, seed=i) for i in range(4)]
-    times = {p: [] for p in paths}
+    times, faults = {p: [] for p in paths}, {p: [] for p in paths}
     for r in range(args.rounds + 1):
         order = paths[r % len(paths):] + paths[:r % len(paths)]
         for path in order:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds = bench.meta_iteration(*runs[path], batches[r % len(batches)], device)
             if r:  # round 0 warms up
                 times[path].append(seconds)
+                faults[path].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         if r:
             print(f"round {r:3d}: " + "  ".join(f"{p} {1000 * times[p][-1]:8.1f} ms" for p in paths), flush=True)
     results = []
@@ -79,10 +83,12 @@ def main() -> int:
                         "ms_min": round(1000 * min(times[path]), 1), "ms_max": round(1000 * max(times[path]), 1),
                         "speedup_vs_learn2learn_median_of_rounds": round(statistics.median(ratios), 3),
                         "speedup_vs_learn2learn_min": round(min(ratios), 3),
-                        "speedup_vs_learn2learn_max": round(max(ratios), 3)})
+                        "speedup_vs_learn2learn_max": round(max(ratios), 3),
+                        "minor_page_faults_median": int(statistics.median(faults[path]))})
         print(f"{row.name:22s} {path:12s} {results[-1]['ms_median']:9.1f} ms median; vs learn2learn "
               f"{results[-1]['speedup_vs_learn2learn_median_of_rounds']:.3f}x (median of {args.rounds} rounds; "
-              f"range {results[-1]['speedup_vs_learn2learn_min']:.3f}-{results[-1]['speedup_vs_learn2learn_max']:.3f})")
+              f"range {results[-1]['speedup_vs_learn2learn_min']:.3f}-{results[-1]['speedup_vs_learn2learn_max']:.3f}; "
+              f"{results[-1]['minor_page_faults_median']} page faults per step)")
     if args.out:
         record = {"command": "python " + " ".join(sys.argv), "row": row.name, "device": str(device),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
