@@ -23,11 +23,9 @@
 #      the time left, as one resumable piece; the run folder comes back as $OUT/maml_run.tgz (carry it to
 #      the next call, tar -xzf into runs/reproduce, and the run continues where it stopped).
 #
-# Baselines (no internet there, and neither is installed): wheels for the GPU machine's Python 3.12 in .gpu/
-# (ignored), carried. higher and gym are pure Python (pip wheel --no-deps higher==0.2.1 gym==0.26.2
-# gym_notices); learn2learn 0.2.0's sdist ships C files from an old Cython that Python 3.12 cannot compile:
-# regenerate them (cython -3 learn2learn/data/*.pyx with Cython 3 under Python 3.12) and pip wheel that tree.
-# metalearn's own needs missing there go in .gpu/ too: omegaconf 2.4.0, pooch and platformdirs (pure Python).
+# Baselines (no internet there, and neither is installed) and metalearn's own needs missing there (omegaconf,
+# pooch, platformdirs): wheels for the GPU machine's Python 3.12 in .gpu/ (ignored), carried; build them here
+# first with `bash benchmarks/gpu_wheels.sh` (10 s; it says how learn2learn's sdist is made to build).
 # Data for steps 4 and 5: cp -r ../shared/data/omniglot .data/ (ignored), carry ".data" and, to skip decoding
 # it there, the two .cache/metalearn/omniglot-28px-* files. Command (device tool, timeout_s 540):
 #   OUT=$OUT BUDGET=480 PYTHON=python3 bash benchmarks/gpu_checks.sh      carry: .gpu .data (+ the cache files)
