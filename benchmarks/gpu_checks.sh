@@ -71,10 +71,10 @@ $PY -c "import learn2learn, higher; print('learn2learn', learn2learn.__version__
 log "1. exactness tests (gpu-marked)"
 timeout 90 $PY -m pytest -q "${TESTS[@]}" -p no:cacheprovider 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 
-PATHS=loop,batched,hybrid,learn2learn,higher
-bench() {  # bench ROWS CHECK OUT LIMIT
-  timeout "$4" $PY benchmarks/bench_meta_step.py --device $DEVICE --in-process --reps $REPS --warmup $WARMUP --rows "$1" \
-    --paths $PATHS --check "$2" --out "$OUT/$3" 2>&1 | grep -v -i gym | tee -a "$OUT/log.txt"
+bench() {  # bench ROWS CHECK OUT LIMIT [PATHS [WARMUP]]
+  timeout "$4" $PY benchmarks/bench_meta_step.py --device $DEVICE --in-process --reps $REPS --warmup "${6:-$WARMUP}" \
+    --rows "$1" --paths "${5:-loop,batched,hybrid,learn2learn,higher}" --check "$2" --out "$OUT/$3" 2>&1 \
+    | grep -v -i gym | tee -a "$OUT/log.txt"
 }
 log "2. meta-step benchmark against learn2learn / higher"
 bench "$ROWS1" float64 meta_step_$DEVICE.json 150
@@ -84,9 +84,7 @@ if [ "$REPRO" = 1 ] && [ "$DRY_RUN" != 1 ]; then
   log "3. skipped: REPRO=1 leaves the time to the reproduction"
 else
   log "3. torch.compile against eager batched, row $COMPILE_ROW"
-  timeout 150 $PY benchmarks/bench_meta_step.py --device $DEVICE --in-process --reps $REPS --warmup 1 \
-    --rows $COMPILE_ROW --paths $COMPILE_PATHS --check float32 --out "$OUT/meta_step_${DEVICE}_compiled.json" 2>&1 \
-    | grep -v -i gym | tee -a "$OUT/log.txt"
+  bench "$COMPILE_ROW" float32 meta_step_${DEVICE}_compiled.json 150 "$COMPILE_PATHS" 1
 fi
 
 log "4. reduced precision against float64 (noise batches), and float32 on real Omniglot batches"
