@@ -249,8 +249,9 @@ class OuterConfig:
     """How a meta-batch is adapted: `loop` = one task after another (the reference path); `batched` = all
     tasks at once, tasks as a batch dimension (grouped convolutions, batched matmuls; exact, see
     metalearn/inner/batched.py); `hybrid` = support sets batched, query sets one task at a time (the
-    CPU's fastest for conv4); `auto` = batched on CUDA and for the MLP, hybrid for conv4 on a CPU,
-    the loop where neither applies (the log says which)."""
+    CPU's fastest for conv4); `auto` = batched on CUDA (hybrid there for models of 1M parameters or
+    more, like ResNet-12) and for the MLP, hybrid for image models on a CPU, the loop where neither
+    applies (the log says which)."""
     task_chunk: int = 0
     """batched/hybrid execution: adapt at most this many tasks at once, accumulating gradients (bounds
     memory; same result up to float rounding); 0 = the whole meta-batch (hybrid on CPU: chunks whose

@@ -68,6 +68,14 @@ many elements (16 MB in float32). Larger tensors exceed glibc's largest heap blo
 afresh on every allocation and page-fault on every use (measured: a 32 MB multiply took 46 ms where
 16 MB ones took 0.8 ms)."""
 
+AUTO_CUDA_HYBRID_PARAMETERS = 10**6
+"""auto on CUDA: hybrid for models with at least this many parameters, batched below. On the H200
+(benchmarks/results/meta_step_h200*.json) batched won for every model of ~0.1M parameters (conv4, the
+sinusoid MLP, the user model: 1.1-3.9x faster than hybrid) and lost for ResNet-12 (12.4M): 253 against
+201 ms at 1 step, 711 against 658 at 5 steps, with 1.3-1.8x hybrid's memory. Each of its tasks is a
+large batch of convolutions already; vmap over tasks turns them into grouped convolutions that run
+slower. No model between the two sizes was measured: the threshold is a round number between them."""
+
 
 class Engine:
     """An algorithm, executed: per-task loop, batched or hybrid (see the module docstring).
@@ -157,7 +165,8 @@ class Engine:
     def plan(self) -> "tuple[str, str]":
         """("loop" | "batched" | "hybrid" | "compiled", a one-line reason) for the current `execution` setting.
 
-        auto picks batched on CUDA; on CPU batched for the MLP (one small MLP per task is all
+        auto picks batched on CUDA, except hybrid for models of AUTO_CUDA_HYBRID_PARAMETERS parameters or
+        more (ResNet-12); on CPU batched for the MLP (one small MLP per task is all
         per-operator overhead) and hybrid for image models (conv4, ResNet-12, your own), whose large
         query passes run faster one task at a time with their activations in cache
         (benchmarks/results/meta_step_cpu.json).
@@ -179,10 +188,15 @@ class Engine:
             return hybrid
         if self.execution == "auto":
             device = next(algo.model.parameters()).device
-            if device.type == "cpu" and type(algo.model).__name__ != "MLP":
+            name = type(algo.model).__name__
+            if device.type == "cpu" and name != "MLP":
                 if self._hybrid_support()[0]:
-                    return hybrid[0], f"auto on CPU with {type(algo.model).__name__}: {hybrid[1]}"
-                return "loop", f"auto on CPU with {type(algo.model).__name__}: the per-task loop is faster there"
+                    return hybrid[0], f"auto on CPU with {name}: {hybrid[1]}"
+                return "loop", f"auto on CPU with {name}: the per-task loop is faster there"
+            size = sum(p.numel() for p in algo.model.parameters())
+            if device.type != "cpu" and size >= AUTO_CUDA_HYBRID_PARAMETERS and self._hybrid_support()[0]:
+                return hybrid[0], (f"auto on {device.type} with {name} ({size / 1e6:.1f}M parameters, a large "
+                                   f"model: batching its tasks through vmap is slower there): {hybrid[1]}")
         return "batched", f"tasks as a batch dimension{chunk}"
 
     execution_plan = plan

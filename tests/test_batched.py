@@ -170,6 +170,28 @@ def test_engine_refuses_batched_for_an_algorithm_without_a_batched_path(mode):
     assert Engine(MAML(plain, inner_lr=LR, inner_steps=STEPS), mode).plan()[0] == mode  # any model batches
 
 
+def test_auto_off_the_cpu_picks_hybrid_for_large_models_only(monkeypatch):
+    """auto on an accelerator: batched below AUTO_CUDA_HYBRID_PARAMETERS, hybrid at or above it (ResNet-12 ran
+    faster hybrid on the H200). plan() reads only the parameters' device and count, so models on the meta
+    device stand in for CUDA ones here."""
+    import metalearn.engine as engine
+    from metalearn.models import ResNet12
+
+    def plan(model):
+        return Engine(MAML(model.to("meta"), inner_lr=LR, inner_steps=STEPS)).plan()
+
+    resnet = ResNet12(3, 5, image_size=84)
+    assert sum(p.numel() for p in resnet.parameters()) >= engine.AUTO_CUDA_HYBRID_PARAMETERS
+    mode, why = plan(resnet)
+    assert mode == "hybrid" and why.startswith("auto on meta with ResNet12 (12.4M parameters")
+    assert plan(make_model())[0] == "batched"
+    assert plan(MLP())[0] == "batched"
+    monkeypatch.setattr(engine, "AUTO_CUDA_HYBRID_PARAMETERS", 1)  # the threshold decides, not the class
+    assert plan(make_model())[0] == "hybrid"
+    assert plan(MLP())[0] == "hybrid"
+    assert Engine(MAML(make_model(), inner_lr=LR, inner_steps=STEPS)).plan()[0] == "hybrid"  # CPU: unchanged
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_on_cuda_matches_loop_float32_without_tf32():
