@@ -1,7 +1,7 @@
 """How far reduced precision (metalearn/precision.py) moves the MAML meta-gradient.
 
     .venv/bin/python benchmarks/check_precision.py --device cpu --out benchmarks/results/precision_cpu.json
-    python benchmarks/check_precision.py --device cuda --out benchmarks/results/precision_h100.json  # adds tf32
+    python benchmarks/check_precision.py --device cuda --out benchmarks/results/precision_h200.json  # adds tf32
     .venv/bin/python benchmarks/check_precision.py --real --threads 1 --out benchmarks/results/precision_real_cpu.json
     python benchmarks/check_precision.py --real --device cuda --out benchmarks/results/precision_real_h200.json
 
@@ -34,6 +34,7 @@ from bench_meta_step import ROWS, cast_batch, make_batch, make_model  # a siblin
 from metalearn._io import atomic_json
 from metalearn.algorithms import ALGORITHMS, MAML
 from metalearn.engine import Engine
+from metalearn.errors import MetalearnError
 from metalearn.precision import meta_step_context, set_precision
 from metalearn.types import TaskBatch
 
@@ -71,8 +72,8 @@ def real_data_check(args: argparse.Namespace, device: torch.device) -> dict:
         named.update({f"learnable.{i}": p for i, p in enumerate(algo.meta_parameters())})
         return {n: p.grad.double() for n, p in named.items()}
 
-    def rel(g: dict, ref: dict) -> float:
-        keys = [n for n in ref if not n.endswith("conv.bias")]
+    def rel(g: dict, ref: dict, only: str = "") -> float:
+        keys = [n for n in ref if not n.endswith("conv.bias") and n.startswith(only)]
         return (torch.sqrt(sum(((g[n] - ref[n]) ** 2).sum() for n in keys))
                 / torch.sqrt(sum((ref[n] ** 2).sum() for n in keys))).item()
 
@@ -82,11 +83,16 @@ def real_data_check(args: argparse.Namespace, device: torch.device) -> dict:
             ref = grad("loop", torch.float64, seed, algorithm)
             row = {"algorithm": algorithm, "seed": seed, "tasks": args.tasks or 4}
             for mode in ("loop", "batched", "hybrid"):
-                row[mode] = rel(grad(mode, torch.float32, seed, algorithm), ref)
+                g = grad(mode, torch.float32, seed, algorithm)
+                row[mode] = rel(g, ref)
+                if algorithm == "metasgd":  # the learned lrs' gradient alone: its norm is a few % of the model's,
+                    row[f"{mode}_lrs"] = rel(g, ref, "learnable.")  # so the global figure hardly sees it
             results.append(row)
-            print(f"{algorithm:8s} seed {seed}  "
-                  + "  ".join(f"{m} {row[m]:.2e}" for m in ("loop", "batched", "hybrid")), flush=True)
-    return {"check": "float32 vs float64 meta-gradient on real Omniglot batches, relative L2 without conv biases",
+            print(f"{algorithm:8s} seed {seed}  " + "  ".join(
+                f"{m} {row[m]:.2e}" + (f" (lrs {row[m + '_lrs']:.2e})" if m + "_lrs" in row else "")
+                for m in ("loop", "batched", "hybrid")), flush=True)
+    return {"check": "float32 vs float64 meta-gradient on real Omniglot batches, relative L2 without conv biases "
+                     "(Meta-SGD: also its learned lrs' gradient alone, *_lrs)",
             "threads": torch.get_num_threads(), "results": results}
 
 
@@ -100,14 +106,23 @@ def main() -> int:
     ap.add_argument("--real", action="store_true", help="float32 of every execution path on real Omniglot batches")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    unknown = [name for name in args.rows.split(",") if name not in ROWS]
+    if unknown:
+        print(f"metalearn: error: unknown --rows {', '.join(unknown)} (known: {', '.join(ROWS)})", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.real:
         set_precision("fp32", device)
+        try:
+            check = real_data_check(args, device)
+        except MetalearnError as e:  # no data folder, say: before any work
+            print(f"metalearn: error: {e}", file=sys.stderr)
+            return 2
         out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-               "torch": torch.__version__, **real_data_check(args, device)}
+               "torch": torch.__version__, **check}
         if args.out:
             print(f"wrote {atomic_json(out, args.out)}")
         return 0

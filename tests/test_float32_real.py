@@ -18,20 +18,23 @@ from metalearn.models.conv4 import Conv4
 PATHS = ["loop", "batched", "hybrid"]
 
 
-def relative_error(got: dict, ref: dict) -> float:
-    keys = [n for n in ref if not n.endswith("conv.bias")]
+def relative_error(got: dict, ref: dict, only: str = "") -> float:
+    keys = [n for n in ref if not n.endswith("conv.bias") and n.startswith(only)]
     num = sum(((got[n] - ref[n]) ** 2).sum() for n in keys).sqrt()
     return (num / sum((ref[n] ** 2).sum() for n in keys).sqrt()).item()
 
 
 def assert_as_accurate_as_the_loop(grads) -> None:
     """grads(mode, dtype) -> {name: gradient}: every path's float32 error against the loop's float64 gradient
-    within 10x of the loop's own float32 error (and under 1e-4)."""
+    within 10x of the loop's own float32 error (and under 1e-4). Meta-SGD's learned lrs ("learnable.*") also
+    on their own: their gradient's norm is about 3% of the model's, so the global error would hardly see them."""
     ref = grads("loop", torch.float64)
-    errors = {mode: relative_error(grads(mode, torch.float32), ref) for mode in PATHS}
-    assert errors["loop"] > 0, "float32 and float64 agree exactly: the comparison is vacuous"
-    for mode in PATHS:
-        assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, errors
+    got = {mode: grads(mode, torch.float32) for mode in PATHS}
+    for only in ("", "learnable.") if any(n.startswith("learnable.") for n in ref) else ("",):
+        errors = {mode: relative_error(got[mode], ref, only) for mode in PATHS}
+        assert errors["loop"] > 0, f"float32 and float64 agree exactly ({only!r}): the comparison is vacuous"
+        for mode in PATHS:
+            assert errors[mode] <= max(10 * errors["loop"], 1e-6) and errors[mode] <= 1e-4, (only, errors)
 
 
 def meta_gradient(algorithm: str, images: torch.Tensor, mode: str, dtype: torch.dtype, seed: int) -> dict:
