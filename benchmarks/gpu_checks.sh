@@ -13,9 +13,10 @@
 #      1 and 5 steps, the user model, then the other conv4 rows. Each row first checks every path's
 #      meta-gradient against the loop's in float64 on the GPU (the gate: 1e-8 relative), so this is also
 #      the exactness check of the batched, hybrid and generic vmap paths on CUDA. --in-process: on the lent
-#      H200 a fresh process per path cost ~15 s (2026-11-30), which left most rows unmeasured.
+#      H200 a fresh process per path cost ~15 s (2026-11-30), which left most rows unmeasured; in one
+#      process steps 1-4 took 343 s (the second GPU session).
 #   3. torch.compile (outer.compile) on conv4 row 1 against eager batched: its first step includes the
-#      compilation (68 s on the H200, 2026-11-30).
+#      compilation (68 and 86 s on the H200 with an empty inductor cache, 2026-11-30).
 #   4. check_precision.py: fp32 / tf32 / bf16 against float64 on CUDA (noise batches), and float32 of
 #      every path on real Omniglot batches (--real; needs .data).
 #   Then step 2's other conv4 rows for the time left.
