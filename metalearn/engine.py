@@ -70,11 +70,11 @@ afresh on every allocation and page-fault on every use (measured: a 32 MB multip
 
 AUTO_CUDA_HYBRID_PARAMETERS = 10**6
 """auto on CUDA: hybrid for models with at least this many parameters, batched below. On the H200
-(benchmarks/results/meta_step_h200*.json) batched won for every model of ~0.1M parameters (conv4, the
-sinusoid MLP, the user model: 1.1-3.9x faster than hybrid) and lost for ResNet-12 (12.4M): 253 against
-201 ms at 1 step, 711 against 658 at 5 steps, with 1.3-1.8x hybrid's memory. Each of its tasks is a
-large batch of convolutions already; vmap over tasks turns them into grouped convolutions that run
-slower. No model between the two sizes was measured: the threshold is a round number between them."""
+(benchmarks/results/meta_step_h200*.json) batched won for every model of 0.11M parameters or fewer
+(conv4, the sinusoid MLP, the user model: 1.1-3.9x faster than hybrid) and lost for ResNet-12 (12.4M):
+253 against 201 ms at 1 step, 711 against 658 at 5 steps, with 1.3-1.8x hybrid's memory. Each of its
+tasks is a large batch of convolutions already, and batching them did not pay (not profiled on the GPU).
+No model between the two sizes was measured: the threshold is a round number between them."""
 
 
 class Engine:
