@@ -193,8 +193,8 @@ class Engine:
                 if self._hybrid_support()[0]:
                     return hybrid[0], f"auto on CPU with {name}: {hybrid[1]}"
                 return "loop", f"auto on CPU with {name}: the per-task loop is faster there"
-            size = sum(p.numel() for p in algo.model.parameters())
-            if device.type != "cpu" and size >= AUTO_CUDA_HYBRID_PARAMETERS and self._hybrid_support()[0]:
+            size = sum(p.numel() for p in algo.model.parameters()) if device.type != "cpu" else 0
+            if size >= AUTO_CUDA_HYBRID_PARAMETERS and self._hybrid_support()[0]:
                 return hybrid[0], (f"auto on {device.type} with {name} ({size / 1e6:.1f}M parameters; from "
                                    f"{AUTO_CUDA_HYBRID_PARAMETERS / 1e6:g}M hybrid, which ran ResNet-12 faster than "
                                    f"batched on an H200): {hybrid[1]}")
