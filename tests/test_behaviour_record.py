@@ -1,18 +1,14 @@
 """benchmarks/behaviour_record.py: record then compare reproduces bit-identically; a changed result is caught."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("behaviour_record", REPO / "benchmarks" / "behaviour_record.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("behaviour_record")
 
 
 def test_record_then_compare_round_trip(script, data_root, cache_dir, tmp_path, monkeypatch, capsys):

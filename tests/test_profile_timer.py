@@ -1,22 +1,17 @@
 """benchmarks/profile_meta_step.py --timer dispatch: each operator timed alone, keyed by its input shapes and
 layouts. The README's account of where row 1's time goes rests on these keys being the operators that ran."""
-import importlib.util
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def profiler():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("profile_meta_step", REPO / "benchmarks" / "profile_meta_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_meta_step")
 
 
 def test_the_dispatch_timer_keys_each_top_level_operator_by_shape_and_layout(profiler):

@@ -1,24 +1,18 @@
 """benchmarks/roofline_meta_step.py counts the arithmetic of a meta-step; its bound is only as good as
 that count. torch's flop counter counts a grouped convolution's weight gradient as if ungrouped,
 which would make the batched paths (per-task weights as groups) look like more work than they are."""
-import importlib.util
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def roofline():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("roofline_meta_step", REPO / "benchmarks" / "roofline_meta_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("roofline_meta_step")
 
 
 @pytest.mark.parametrize("groups", [1, 4])
