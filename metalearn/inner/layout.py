@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..models.stem import is_channels_last  # defined below the layer of models, which need it too
+
 
 def channels_last(x: Tensor) -> Tensor:
     """Images (..., C, H, W) with the channels innermost in memory; same shape and values.
@@ -28,13 +30,6 @@ def channels_last(x: Tensor) -> Tensor:
         stride[-3] = 1
         return x.as_strided(x.shape, stride)
     return x.movedim(-3, -1).contiguous().movedim(-1, -3)
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """Whether every image of x (..., C, H, W) has the channel as its fastest-moving dimension."""
-    C, H, W = x.shape[-3:]
-    s = x.stride()
-    return s[-3] == 1 and (W == 1 or s[-1] == C) and (H == 1 or s[-2] == W * C)
 
 
 __all__ = ["channels_last", "is_channels_last"]
