@@ -37,7 +37,17 @@ def test_every_path_does_the_arithmetic_of_the_per_task_loop(roofline, steps):
     row = replace(bench.ROWS["omniglot-5w1s-1step"], tasks=3, hidden=8, steps=steps, query=2)
     batch = bench.make_batch(row, torch.device("cpu"), seed=0)
     counts = {}
-    for path in ("loop", "batched", "hybrid") + (("learn2learn",) if bench.available("learn2learn", row) else ()):
-        fn = bench.meta_step_fn(path, row, bench.make_model(row, torch.device("cpu")))
+    for path in ("loop", "batched", "hybrid", "hybrid-without-stem") + (
+            ("learn2learn",) if bench.available("learn2learn", row) else ()):
+        model = bench.make_model(row, torch.device("cpu"))
+        if path == "hybrid-without-stem":
+            for m in model.modules():
+                if hasattr(m, "stem"):
+                    m.stem = lambda x: False
+        fn = bench.meta_step_fn(path.replace("-without-stem", ""), row, model)
         counts[path] = roofline.count_flops(fn, batch)
+    # the same convolutions everywhere; conv4's first block on hybrid (metalearn/models/stem.py) adds its
+    # statistics' small matrix products (9 x 9 per task), and without it hybrid does exactly the loop's work
+    stem = counts.pop("hybrid")
     assert counts["loop"][1] > 0 and len(set(counts.values())) == 1, counts
+    assert stem[1] == counts["loop"][1] and stem[0] > counts["loop"][0], (stem, counts)

@@ -103,9 +103,10 @@ def test_conv_block_takes_the_stem_only_for_channels_last_few_channel_images(mon
     assert len(calls) == 1  # no BatchNorm, no stem
 
 
-def test_hybrid_query_passes_run_the_stem_and_match_the_loop_in_float64(monkeypatch):
-    """hybrid's query passes (channels-last images) take the stem, the loop's NCHW passes do not, and their float64
-    meta-gradients agree (tests/test_batched.py checks hybrid against the independent reference too)."""
+def test_hybrid_runs_the_stem_and_matches_the_loop_in_float64(monkeypatch):
+    """hybrid's support passes (vmap over tasks) and query passes (channels-last images) take the stem, the loop's
+    NCHW passes do not, and their float64 meta-gradients agree, second order through two inner steps
+    (tests/test_batched.py checks hybrid against the independent reference, for every algorithm)."""
     import metalearn.models.conv4 as conv4
     from metalearn.algorithms import MAML
     from metalearn.engine import Engine
@@ -122,5 +123,6 @@ def test_hybrid_query_passes_run_the_stem_and_match_the_loop_in_float64(monkeypa
         model = Conv4(hidden=8).double()
         Engine(MAML(model, inner_lr=0.1, inner_steps=2), mode).meta_step(batch)
         grads[mode] = [p.grad for n, p in model.named_parameters() if not n.endswith("conv.bias")]
-        assert len(calls) == (0 if mode == "loop" else 3)  # one query pass per task
+        # hybrid: one vmap support pass per inner step (the 3 tasks in one chunk), one query pass per task
+        assert len(calls) == (0 if mode == "loop" else 2 + 3)
     assert rel(grads["hybrid"], grads["loop"]) <= 1e-10

@@ -43,12 +43,21 @@ class ConvBlock(nn.Module):
         return self.pool(normalise(self.norm, self.conv(x))).relu()
 
     def stem(self, x: Tensor) -> bool:
-        """Whether this block runs as `conv_norm_pool` (metalearn/models/stem.py): a CPU channels-last batch of
-        at most MAX_STEM_CHANNELS channels (the first block on the hybrid path's query sets and ProtoNet's
-        images) into affine BatchNorm with batch statistics. NCHW batches (the per-task loop) never do."""
+        """Whether this block runs as `conv_norm_pool` (metalearn/models/stem.py): CPU images of at most
+        MAX_STEM_CHANNELS channels into affine BatchNorm with batch statistics, on the fast paths only, which are
+
+        - channels-last batches (the hybrid path's query sets, ProtoNet's images, metalearn/inner/layout.py);
+        - the engine's vmap over tasks (hybrid's support sets), where the engine's view of the model has replaced
+          this BatchNorm by its plain-reduction stand-in (`from_sums`, metalearn/inner/norm.py `BatchStats`).
+
+        The per-task loop (NCHW images into the module's own BatchNorm: the reference path) never does."""
         n = self.norm
-        return (x.dim() == 4 and x.shape[1] <= MAX_STEM_CHANNELS and x.device.type == "cpu"
-                and type(n) is nn.BatchNorm2d and not n.track_running_stats and n.affine and is_channels_last(x))
+        if not (x.dim() == 4 and x.shape[1] <= MAX_STEM_CHANNELS and x.device.type == "cpu"
+                and getattr(n, "weight", None) is not None and getattr(n, "bias", None) is not None):
+            return False
+        if getattr(n, "from_sums", False) is True:
+            return True
+        return type(n) is nn.BatchNorm2d and not n.track_running_stats and is_channels_last(x)
 
 
 def normalise(norm: nn.Module, h: Tensor) -> Tensor:

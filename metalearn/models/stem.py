@@ -1,10 +1,11 @@
 """A first convolution block (conv 3x3 on few input channels, BatchNorm with batch statistics, max-pool 2, ReLU)
 with BatchNorm's statistics taken from the input's patches instead of the full-size activation.
 
-Where it runs: conv4's first block (`ConvBlock.forward`) on a CPU channels-last batch (the hybrid path's query
-passes and ProtoNet's images, metalearn/inner/layout.py) whose images have at most `MAX_STEM_CHANNELS` channels
-(Omniglot: 1; mini-ImageNet: 3). Everything else, and the per-task loop (NCHW images: the reference path), runs
-`ConvBlock`'s plain operations.
+Where it runs: conv4's first block (`ConvBlock.forward`, `ConvBlock.stem`) on CPU images of at most
+`MAX_STEM_CHANNELS` channels (Omniglot: 1; mini-ImageNet: 3) on the fast paths: channels-last batches (the hybrid
+path's query passes and ProtoNet's images, metalearn/inner/layout.py) and the engine's vmap over tasks (hybrid's
+support passes, differentiated twice). The per-task loop (NCHW images: the reference path) runs `ConvBlock`'s
+plain operations.
 
 Why. The first layer's activation is the largest of the network (64 channels at full resolution: a 75-image
 Omniglot query set is 15 MB in float32), and on a CPU every full-size pass over it costs memory traffic and,
