@@ -9,7 +9,9 @@ hybrid path's query passes: the block alone, and whole meta-steps of a row with 
    `plain` = what hybrid's query passes ran before (conv2d, `channels_last_batch_norm` inside `first_order_norms()`,
    max-pool, ReLU), `stem` = `conv_norm_pool`. Median of --reps after a warm-up, each in the same process; the
    float64 agreement of the two (gradient, relative L2) is recorded beside the times.
-2. meta_step: the row's hybrid meta-iteration (bench_meta_step.py's) with the stem on and off (off: every
+2. grid: the same forward + backward on uniform random images over a grid of (images, channels, size, filters),
+   the measurements behind `stem_pays`, the rule for where the stem runs (metalearn/models/stem.py).
+3. meta_step: the row's hybrid meta-iteration (bench_meta_step.py's) with the stem on and off (off: every
    `ConvBlock.stem` of that model answers False) and learn2learn's, alternating in one process for --rounds rounds
    after one warm-up round (the order rotates), as bench_interleaved.py does; per path the median time, the median
    over rounds of time(learn2learn) / time(path), and minor page faults per meta-iteration.
@@ -93,6 +95,34 @@ def block_times(reps: int, hidden: int = 64) -> dict:
     return out
 
 
+GRID = [(75, 1, 28, 64), (75, 1, 28, 32), (75, 1, 28, 16), (25, 1, 28, 32), (5, 1, 28, 64), (5, 1, 28, 32),
+        (75, 3, 84, 32), (25, 3, 84, 32), (75, 3, 32, 64)]
+
+
+def grid_times(reps: int) -> list:
+    rows = []
+    for n, c, size, width in GRID:
+        g = torch.Generator().manual_seed(0)
+        x = channels_last(torch.rand(n, c, size, size, generator=g))
+        ps = [(torch.randn(width, c, 3, 3, generator=g) / 3).requires_grad_(), torch.zeros(width).requires_grad_(),
+              torch.ones(width).requires_grad_(), torch.zeros(width).requires_grad_()]
+        up = torch.randn(n, width, size // 2, size // 2, generator=g).contiguous(memory_format=torch.channels_last)
+        row = {"images": n, "channels": c, "size": size, "filters": width,
+               "activation_elements": n * size * size * width}
+        for name, f in (("plain", plain_block), ("stem", stem_block)):
+            ts = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                t0 = time.perf_counter()
+                torch.autograd.grad(f(x, *ps), ps, up)
+                ts.append(time.perf_counter() - t0)
+            row[f"{name}_ms_median"] = round(1000 * statistics.median(ts[1:]), 2)
+        row["speedup"] = round(row["plain_ms_median"] / row["stem_ms_median"], 3)
+        rows.append(row)
+        print(f"grid {n:3d} x {c} x {size}x{size}, {width:2d} filters: plain {row['plain_ms_median']:7.2f} ms, "
+              f"stem {row['stem_ms_median']:7.2f} ms ({row['speedup']}x)", flush=True)
+    return rows
+
+
 def meta_step_rounds(row_name: str, rounds: int) -> dict:
     row, device = bench.ROWS[row_name], torch.device("cpu")
     runs = {}
@@ -145,7 +175,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     record = {"command": "python " + " ".join(sys.argv), "device": "cpu", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "git": git_info(),
-              "block": block_times(args.reps)}
+              "block": block_times(args.reps), "grid": grid_times(max(3, args.reps // 4))}
     if args.rounds:
         record["meta_step"] = meta_step_rounds(args.row, args.rounds)
     if args.out:

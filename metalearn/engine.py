@@ -29,7 +29,8 @@ them against each other and tests/reference.py in float64 to 1e-10, BatchNorm on
            The small support passes lose their per-task overhead, the large query passes keep the
            loop's cache locality. On a CPU the support tasks are batched in chunks sized by their
            first-layer activations (HYBRID_CHUNK_ELEMENTS); where one task fills a chunk (ResNet-12 or
-           conv4 at 84x84), it adapts with its own forward, as in the loop, without vmap.
+           conv4 at 84x84), it adapts with its own forward, as in the loop, without vmap. conv4's first
+           block runs from patch statistics in both passes on a CPU (metalearn/models/stem.py).
   auto     on CUDA: batched; on a CPU: batched for the MLP, hybrid for image models (measured
            fastest, benchmarks/results/meta_step_cpu.json); the loop where neither applies.
   compiled (`compile=True`, outer.compile) the meta-step as one torch.func function run through

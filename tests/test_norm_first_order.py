@@ -85,9 +85,9 @@ def test_hybrid_query_passes_run_the_fused_backward(monkeypatch):
     y = torch.arange(5).repeat(2).expand(3, 10)
     batch = TaskBatch(Examples(x[:, :5], y[:, :5]), Examples(x[:, 5:], y[:, 5:]), 5, 1, 1)
     Engine(MAML(model, inner_lr=0.1, inner_steps=1), "hybrid").meta_step(batch)
-    # every task's query pass, each of conv4's BatchNorm layers but the first (its block runs from patch statistics,
-    # metalearn/models/stem.py)
-    assert len(calls) == 3 * 3
+    # every task's query pass, each of conv4's four BatchNorm layers (at 8 filters the first block does not run
+    # from patch statistics, metalearn/models/stem.py `stem_pays`)
+    assert len(calls) == 3 * 4
 
 
 def test_mixed_precision_takes_the_torch_ops_backward():

@@ -85,22 +85,36 @@ def test_float32_on_real_omniglot_is_no_further_from_float64_than_the_plain_bloc
         assert rel(stem_y, ref_y) <= max(10 * rel(plain_y, ref_y), 1e-6)
 
 
-def test_conv_block_takes_the_stem_only_for_channels_last_few_channel_images(monkeypatch):
+def test_conv_block_takes_the_stem_only_for_channels_last_images_where_it_pays(monkeypatch):
     import metalearn.models.conv4 as conv4
 
     calls = []
     monkeypatch.setattr(conv4, "conv_norm_pool", lambda *a: calls.append(a) or stem(*a[:5]))
     torch.manual_seed(0)
-    model = Conv4(hidden=8).double()
-    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    model = Conv4(hidden=32).double()
+    x = torch.rand(75, 1, 28, 28, dtype=torch.float64)  # 75 x 28 x 28 x 32 = 1.9M activation elements
     nchw = model(x)
     assert not calls  # NCHW images (the per-task loop, the reference path) run the plain operations
     cl = model(channels_last(x))
-    assert len(calls) == 1  # the first block only: the others have 8 channels
+    assert len(calls) == 1  # the first block only: the others have 32 input channels
     assert (cl - nchw).abs().max() <= 1e-12 * nchw.abs().max()
-    plain_model = Conv4(hidden=8, batchnorm=False).double()
-    plain_model(channels_last(x))
+    model(channels_last(x[:5]))
+    assert len(calls) == 1  # 5 images: too small an activation to pay
+    Conv4(hidden=16).double()(channels_last(x))
+    assert len(calls) == 1  # 16 filters: the 9x9 statistics cost more than the passes they save
+    Conv4(hidden=32, batchnorm=False).double()(channels_last(x))
     assert len(calls) == 1  # no BatchNorm, no stem
+
+
+def test_where_the_stem_pays():
+    """The rule bench_stem.py's grid measured: K = 9 * in_channels <= width / 3, and a large activation."""
+    from metalearn.models.stem import STEM_MIN_ELEMENTS, stem_pays
+
+    assert stem_pays(1, 64, 75 * 28 * 28 * 64) and stem_pays(1, 32, 75 * 28 * 28 * 32)
+    assert not stem_pays(1, 16, 75 * 28 * 28 * 16)  # 9 > 16 / 3
+    assert not stem_pays(3, 32, 75 * 84 * 84 * 32)  # mini-ImageNet's conv4: 27 > 32 / 3
+    assert not stem_pays(1, 64, STEM_MIN_ELEMENTS - 1) and stem_pays(1, 64, STEM_MIN_ELEMENTS)
+    assert stem_pays(1, 32, None) and not stem_pays(3, 32, None)  # under vmap: the channels decide
 
 
 def test_hybrid_runs_the_stem_and_matches_the_loop_in_float64(monkeypatch):
@@ -112,17 +126,31 @@ def test_hybrid_runs_the_stem_and_matches_the_loop_in_float64(monkeypatch):
     from metalearn.engine import Engine
     from metalearn.types import Examples, TaskBatch
 
+    import metalearn.models.stem as stem_module
+
     calls = []
     monkeypatch.setattr(conv4, "conv_norm_pool", lambda *a: calls.append(1) or conv_norm_pool(*a))
+    monkeypatch.setattr(stem_module, "STEM_MIN_ELEMENTS", 0)  # small query sets take it too, to test both passes
     x = torch.rand(3, 10, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.arange(5).repeat(2).expand(3, 10)
     batch = TaskBatch(Examples(x[:, :5], y[:, :5]), Examples(x[:, 5:], y[:, 5:]), 5, 1, 1)
     grads = {}
     for mode in ("loop", "hybrid"):
         torch.manual_seed(0)
-        model = Conv4(hidden=8).double()
+        model = Conv4(hidden=32).double()
         Engine(MAML(model, inner_lr=0.1, inner_steps=2), mode).meta_step(batch)
         grads[mode] = [p.grad for n, p in model.named_parameters() if not n.endswith("conv.bias")]
         # hybrid: one vmap support pass per inner step (the 3 tasks in one chunk), one query pass per task
         assert len(calls) == (0 if mode == "loop" else 2 + 3)
     assert rel(grads["hybrid"], grads["loop"]) <= 1e-10
+
+
+def test_the_benchmark_compares_the_same_function(omniglot):
+    """benchmarks/bench_stem.py times the stem against the plain block it replaced on hybrid's query passes:
+    the two must agree in float64 on its real batch, or its times compare different things."""
+    from conftest import load_benchmark
+
+    out = load_benchmark("bench_stem").block_times(reps=1, hidden=8)
+    assert out["images"] == [75, 1, 28, 28]
+    assert 0 < out["float64_gradient_rel_l2_stem_vs_plain"] <= 1e-10
+    assert out["plain_ms_median"] > 0 and out["stem_ms_median"] > 0

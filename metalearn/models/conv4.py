@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .batchnorm import channels_last_batch_norm
-from .stem import MAX_STEM_CHANNELS, conv_norm_pool, is_channels_last
+from .stem import conv_norm_pool, is_channels_last, stem_pays
 
 
 def flat_features(hidden: int, image_size: int) -> int:
@@ -43,21 +43,23 @@ class ConvBlock(nn.Module):
         return self.pool(normalise(self.norm, self.conv(x))).relu()
 
     def stem(self, x: Tensor) -> bool:
-        """Whether this block runs as `conv_norm_pool` (metalearn/models/stem.py): CPU images of at most
-        MAX_STEM_CHANNELS channels into affine BatchNorm with batch statistics, on the fast paths only, which are
+        """Whether this block runs as `conv_norm_pool` (metalearn/models/stem.py): CPU images into affine BatchNorm
+        with batch statistics where `stem_pays`, on the fast paths only, which are
 
         - channels-last batches (the hybrid path's query sets, ProtoNet's images, metalearn/inner/layout.py);
         - the engine's vmap over tasks (hybrid's support sets), where the engine's view of the model has replaced
           this BatchNorm by its plain-reduction stand-in (`from_sums`, metalearn/inner/norm.py `BatchStats`).
 
         The per-task loop (NCHW images into the module's own BatchNorm: the reference path) never does."""
-        n = self.norm
-        if not (x.dim() == 4 and x.shape[1] <= MAX_STEM_CHANNELS and x.device.type == "cpu"
-                and getattr(n, "weight", None) is not None and getattr(n, "bias", None) is not None):
+        n, conv = self.norm, self.conv
+        if not (x.dim() == 4 and x.device.type == "cpu" and getattr(n, "weight", None) is not None
+                and getattr(n, "bias", None) is not None):
             return False
         if getattr(n, "from_sums", False) is True:
-            return True
-        return type(n) is nn.BatchNorm2d and not n.track_running_stats and is_channels_last(x)
+            return stem_pays(conv.in_channels, conv.out_channels, None)
+        elements = x.shape[0] * x.shape[2] * x.shape[3] * conv.out_channels
+        return (type(n) is nn.BatchNorm2d and not n.track_running_stats and is_channels_last(x)
+                and stem_pays(conv.in_channels, conv.out_channels, elements))
 
 
 def normalise(norm: nn.Module, h: Tensor) -> Tensor:

@@ -1,11 +1,11 @@
 """A first convolution block (conv 3x3 on few input channels, BatchNorm with batch statistics, max-pool 2, ReLU)
 with BatchNorm's statistics taken from the input's patches instead of the full-size activation.
 
-Where it runs: conv4's first block (`ConvBlock.forward`, `ConvBlock.stem`) on CPU images of at most
-`MAX_STEM_CHANNELS` channels (Omniglot: 1; mini-ImageNet: 3) on the fast paths: channels-last batches (the hybrid
-path's query passes and ProtoNet's images, metalearn/inner/layout.py) and the engine's vmap over tasks (hybrid's
-support passes, differentiated twice). The per-task loop (NCHW images: the reference path) runs `ConvBlock`'s
-plain operations.
+Where it runs: conv4's first block (`ConvBlock.forward`, `ConvBlock.stem`) on a CPU where `stem_pays` (few input
+channels against the block's width, a large activation: Omniglot at 32 or 64 filters, not mini-ImageNet's RGB
+at 32) on the fast paths: channels-last batches (the hybrid path's query passes and ProtoNet's images,
+metalearn/inner/layout.py) and the engine's vmap over tasks (hybrid's support passes, differentiated twice). The
+per-task loop (NCHW images: the reference path) runs `ConvBlock`'s plain operations.
 
 Why. The first layer's activation is the largest of the network (64 channels at full resolution: a 75-image
 Omniglot query set is 15 MB in float32), and on a CPU every full-size pass over it costs memory traffic and,
@@ -50,8 +50,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MAX_STEM_CHANNELS = 3
-"""Input channels up to which conv4's first block takes this path (K = 9 * channels patch entries)."""
+STEM_MIN_ELEMENTS = 2**20
+"""Activation size (N * H * W * width elements) from which `stem_pays` outside vmap."""
+
+
+def stem_pays(in_channels: int, width: int, activation_elements: Optional[int]) -> bool:
+    """Whether `conv_norm_pool` runs where it was measured faster than the plain block (benchmarks/bench_stem.py,
+    its `grid`, 1 thread, float32, forward and backward): its statistics cost M * K^2 (K = 9 * in_channels) where
+    the passes it saves cost M * width, so K <= width / 3 (Omniglot at 32 or 64 filters: 1.3-1.4x faster at 75
+    images; 3 channels at 32 filters, mini-ImageNet's conv4: 1.1-1.4x slower), and the saved passes matter on
+    large activations: at least STEM_MIN_ELEMENTS elements (25 images of 28x28 at 32 filters, 0.6M: even; 5 images:
+    slower). activation_elements None: unknown, under the engine's vmap, whose task chunks are large."""
+    if 3 * 9 * in_channels > width:
+        return False
+    return activation_elements is None or activation_elements >= STEM_MIN_ELEMENTS
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -84,4 +96,4 @@ def conv_norm_pool(x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Ten
     return torch.addcmul(shift.to(h.dtype).view(shape), F.max_pool2d(h, 2), a.abs().to(h.dtype).view(shape)).relu()
 
 
-__all__ = ["MAX_STEM_CHANNELS", "conv_norm_pool", "is_channels_last"]
+__all__ = ["STEM_MIN_ELEMENTS", "conv_norm_pool", "is_channels_last", "stem_pays"]
