@@ -55,12 +55,14 @@ STEM_MIN_ELEMENTS = 2**20
 
 
 def stem_pays(in_channels: int, width: int, activation_elements: Optional[int]) -> bool:
-    """Whether `conv_norm_pool` runs where it was measured faster than the plain block (benchmarks/bench_stem.py,
-    its `grid`, 1 thread, float32, forward and backward): its statistics cost M * K^2 (K = 9 * in_channels) where
-    the passes it saves cost M * width, so K <= width / 3 (Omniglot at 32 or 64 filters: 1.3-1.4x faster at 75
-    images; 3 channels at 32 filters, mini-ImageNet's conv4: 1.1-1.4x slower), and the saved passes matter on
-    large activations: at least STEM_MIN_ELEMENTS elements (25 images of 28x28 at 32 filters, 0.6M: even; 5 images:
-    slower). activation_elements None: unknown, under the engine's vmap, whose task chunks are large."""
+    """Whether `conv_norm_pool` runs where it was measured faster than the plain block (benchmarks/bench_stem.py's
+    grid, results/stem_cpu.json: 1 thread, float32, forward and backward). Its statistics cost M * K^2
+    (K = 9 * in_channels) where the passes it saves cost M * width, so K <= width / 3: 75 Omniglot-sized images
+    at 64 filters 1.49x faster, at 32 filters 1.04x, at 16 filters 0.93x; 3 channels at 32 filters (mini-ImageNet's
+    conv4) 0.76-0.79x. The saved passes matter on large activations, so at least STEM_MIN_ELEMENTS elements:
+    5 images 0.73-0.87x, 25 images at 32 filters (0.6M elements) 1.07x, left out. activation_elements None:
+    unknown, under the engine's vmap, whose task chunks are large (row 1's support passes, 16 tasks of 5 images).
+    """
     if 3 * 9 * in_channels > width:
         return False
     return activation_elements is None or activation_elements >= STEM_MIN_ELEMENTS
