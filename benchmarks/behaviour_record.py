@@ -10,7 +10,7 @@ Why: a refactor of the engine (issue #14) must leave behaviour unchanged, to the
 it, `compare` trains the same runs again and says, per run, whether the result is identical.
 
 The runs (one process, threads=1, seed 0, in a temporary folder; nothing is written under runs/):
-  - the quick Omniglot preset (omniglot_5w1s_quick) shrunk to 20 outer steps, conv4 with 16 filters,
+  - the quick Omniglot preset (omniglot_5w1s_quick) shrunk to 20 outer steps, conv4 with 16 filters (--hidden),
     meta-batch 4 and 50 fixed test episodes, for maml, fomaml, anil, boil, metasgd, mamlpp, reptile
     and protonet. mamlpp runs as MAML++ is meant to (conv4_perstep, 2 inner steps with per-step
     BatchNorm, learned per-step lrs, multi-step loss, derivative-order and cosine annealing);
@@ -72,7 +72,7 @@ class Failure(Exception):
 
 
 # --- the runs -------------------------------------------------------------------------------------
-def planned_runs(steps: int, episodes: int, only: Optional[List[str]]) -> List[Dict[str, Any]]:
+def planned_runs(steps: int, episodes: int, only: Optional[List[str]], hidden: int = 16) -> List[Dict[str, Any]]:
     """[{id, preset, overrides}] of every run, in a fixed order."""
     runs = []
     for algo in ALGORITHMS + ["sinusoid"]:
@@ -86,7 +86,8 @@ def planned_runs(steps: int, episodes: int, only: Optional[List[str]]) -> List[D
                 continue
             runs.append({"id": f"{algo}/{mode}", "preset": QUICK,
                          "overrides": common + [f"outer.algorithm={algo}", f"outer.iterations={steps}",
-                                                "model.hidden=16", "outer.meta_batch_size=4", *EXTRA.get(algo, [])]})
+                                                f"model.hidden={hidden}", "outer.meta_batch_size=4",
+                                                *EXTRA.get(algo, [])]})
     return runs
 
 
@@ -318,6 +319,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rec.add_argument("--out", required=True, help="JSON file to write")
     rec.add_argument("--steps", type=int, default=20, help="outer steps of the Omniglot runs (default 20)")
     rec.add_argument("--episodes", type=int, default=50, help="fixed test episodes per run (default 50)")
+    rec.add_argument("--hidden", type=int, default=16,
+                     help="conv4's filters in the Omniglot runs (default 16; 64 puts conv4's first block on the "
+                          "hybrid path's patch statistics, metalearn/models/stem.py)")
     cmp = sub.add_parser("compare", help="rerun the recorded runs; exit 1 if any differs")
     cmp.add_argument("--against", required=True, help="JSON file written by record")
     cmp.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
@@ -334,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not out.parent.is_dir():
                 raise Failure(f"--out: folder {out.parent} does not exist")
             t0 = time.perf_counter()
-            runs = run_all(planned_runs(args.steps, args.episodes, only), strict=True)
+            runs = run_all(planned_runs(args.steps, args.episodes, only, args.hidden), strict=True)
             doc = {**environment(argv), "what": "final parameters and per-episode test scores of short CPU runs "
                    "(benchmarks/behaviour_record.py)", "steps": args.steps, "episodes": args.episodes,
                    "seconds": round(time.perf_counter() - t0, 1), "runs": runs}

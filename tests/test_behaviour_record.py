@@ -47,3 +47,9 @@ def test_one_line_errors(script, tmp_path, capsys):
 def test_rename_moves_a_config_key(script):
     assert script.renamed(["outer.msl_iterations=10", "seed=0"], {"outer.msl_iterations": "mamlpp.msl_iterations"}) == [
         "mamlpp.msl_iterations=10", "seed=0"]
+
+
+def test_hidden_sets_conv4s_filters_of_the_omniglot_runs_only(script):
+    runs = {r["id"]: r["overrides"] for r in script.planned_runs(20, 50, ["maml/hybrid", "sinusoid/loop"], hidden=64)}
+    assert "model.hidden=64" in runs["maml/hybrid"] and not any("hidden" in o for o in runs["sinusoid/loop"])
+    assert "model.hidden=16" in script.planned_runs(20, 50, ["maml/loop"])[0]["overrides"]  # the default
