@@ -31,9 +31,10 @@ initialisations with 64 filters: the float32 gradient 2-3e-6 from float64, again
 on NCHW images, the loop's path; tests/test_stem.py).
 
 Measured on this 2-core CPU, 1 thread (benchmarks/bench_stem.py, results/stem_cpu.json): the block's forward and
-backward on 75 real Omniglot images in float32 took 21 ms against the plain block's 31 ms, and row 1's hybrid
-meta-iteration (bench_meta_step.py's omniglot-5w1s-1step) 2754 ms against 2999 ms without it (medians of 8 rounds
-alternating in one process; learn2learn 4107 ms).
+backward on 75 real Omniglot images in float32 took 23 ms against the plain block's 35 ms, and row 1's hybrid
+meta-iteration (bench_meta_step.py's omniglot-5w1s-1step) 2466 ms against 2877 ms without it (medians of 8 rounds
+alternating in one process; learn2learn 4128 ms). With 5 inner steps (results/stem_5step_cpu.json): 4590 against
+6059 ms.
 
 Deviations, both at points where the max is not differentiable: where two pixels of a window are tied in h the
 first one gets the gradient, as in the plain block, but where they differ in h and tie in y only after rounding,
