@@ -38,6 +38,39 @@ from metalearn._io import atomic_json  # noqa: E402
 from metalearn.checkpoint import git_info  # noqa: E402
 
 
+def alternate(runs: dict, batches: list, device: torch.device, rounds: int) -> "tuple[dict, dict]":
+    """runs {name: (step, optimiser)}: one warm-up round, then `rounds` rounds each running every name once (the
+    order rotates from round to round, the batch cycles through `batches`). Seconds and minor page faults per
+    meta-iteration, {name: [per round]} each."""
+    names = list(runs)
+    times, faults = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(rounds + 1):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            seconds = bench.meta_iteration(*runs[name], batches[r % len(batches)], device)
+            if r:  # round 0 warms up
+                times[name].append(seconds)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        if r:
+            print(f"round {r:3d}: " + "  ".join(f"{n} {1000 * times[n][-1]:8.1f} ms" for n in names), flush=True)
+    return times, faults
+
+
+def summarise(times: dict, faults: dict, baseline: str = "learn2learn") -> list:
+    """Per name: median, min and max ms, the median over rounds of time(baseline) / time(name) with its range,
+    and the median page faults per meta-iteration."""
+    results = []
+    for name in times:
+        ratios = [b / t for b, t in zip(times[baseline], times[name])]
+        results.append({"path": name, "ms_median": round(1000 * statistics.median(times[name]), 1),
+                        "ms_min": round(1000 * min(times[name]), 1), "ms_max": round(1000 * max(times[name]), 1),
+                        "speedup_vs_learn2learn_median_of_rounds": round(statistics.median(ratios), 3),
+                        "speedup_vs_learn2learn_min": round(min(ratios), 3),
+                        "speedup_vs_learn2learn_max": round(max(ratios), 3),
+                        "minor_page_faults_median": int(statistics.median(faults[name]))})
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--row", default="omniglot-5w1s-1step", choices=list(bench.ROWS))
@@ -65,30 +98,14 @@ def main() -> int:
         model = bench.make_model(row, device)
         runs[path] = (bench.meta_step_fn(path, row, model), torch.optim.Adam(model.parameters(), lr=1e-3))
     batches = [bench.make_batch(row, device, seed=i) for i in range(4)]
-    times, faults = {p: [] for p in paths}, {p: [] for p in paths}
-    for r in range(args.rounds + 1):
-        order = paths[r % len(paths):] + paths[:r % len(paths)]
-        for path in order:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            seconds = bench.meta_iteration(*runs[path], batches[r % len(batches)], device)
-            if r:  # round 0 warms up
-                times[path].append(seconds)
-                faults[path].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        if r:
-            print(f"round {r:3d}: " + "  ".join(f"{p} {1000 * times[p][-1]:8.1f} ms" for p in paths), flush=True)
-    results = []
-    for path in paths:
-        ratios = [b / t for b, t in zip(times["learn2learn"], times[path])]
-        results.append({"path": path, "ms_median": round(1000 * statistics.median(times[path]), 1),
-                        "ms_min": round(1000 * min(times[path]), 1), "ms_max": round(1000 * max(times[path]), 1),
-                        "speedup_vs_learn2learn_median_of_rounds": round(statistics.median(ratios), 3),
-                        "speedup_vs_learn2learn_min": round(min(ratios), 3),
-                        "speedup_vs_learn2learn_max": round(max(ratios), 3),
-                        "minor_page_faults_median": int(statistics.median(faults[path]))})
-        print(f"{row.name:22s} {path:12s} {results[-1]['ms_median']:9.1f} ms median; vs learn2learn "
-              f"{results[-1]['speedup_vs_learn2learn_median_of_rounds']:.3f}x (median of {args.rounds} rounds; "
-              f"range {results[-1]['speedup_vs_learn2learn_min']:.3f}-{results[-1]['speedup_vs_learn2learn_max']:.3f}; "
-              f"{results[-1]['minor_page_faults_median']} page faults per step)")
+    times, faults = alternate(runs, batches, device, args.rounds)
+    results = summarise(times, faults)
+    for res in results:
+        path = res["path"]
+        print(f"{row.name:22s} {path:12s} {res['ms_median']:9.1f} ms median; vs learn2learn "
+              f"{res['speedup_vs_learn2learn_median_of_rounds']:.3f}x (median of {args.rounds} rounds; "
+              f"range {res['speedup_vs_learn2learn_min']:.3f}-{res['speedup_vs_learn2learn_max']:.3f}; "
+              f"{res['minor_page_faults_median']} page faults per step)")
     if args.out:
         record = {"command": "python " + " ".join(sys.argv), "row": row.name, "device": str(device),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,

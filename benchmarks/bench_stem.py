@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_meta_step as bench  # noqa: E402
+from bench_interleaved import alternate, summarise  # noqa: E402
 
 from metalearn._io import atomic_json  # noqa: E402
 from metalearn.checkpoint import git_info  # noqa: E402
@@ -123,38 +123,26 @@ def grid_times(reps: int) -> list:
     return rows
 
 
+def without_stem(model: torch.nn.Module) -> torch.nn.Module:
+    """model with every `ConvBlock.stem` answering False: its first block runs the plain operations everywhere."""
+    for m in model.modules():
+        if hasattr(m, "stem"):
+            m.stem = lambda x: False
+    return model
+
+
 def meta_step_rounds(row_name: str, rounds: int) -> dict:
     row, device = bench.ROWS[row_name], torch.device("cpu")
     runs = {}
     for name, path in (("hybrid", "hybrid"), ("hybrid-without-stem", "hybrid"), ("learn2learn", "learn2learn")):
         model = bench.make_model(row, device)
         if name == "hybrid-without-stem":
-            for m in model.modules():
-                if hasattr(m, "stem"):
-                    m.stem = lambda x: False
+            without_stem(model)
         runs[name] = (bench.meta_step_fn(path, row, model), torch.optim.Adam(model.parameters(), lr=1e-3))
     batches = [bench.make_batch(row, device, seed=i) for i in range(2)]
-    names = list(runs)
-    times, faults = {n: [] for n in names}, {n: [] for n in names}
-    for r in range(rounds + 1):
-        for name in names[r % 3:] + names[:r % 3]:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            seconds = bench.meta_iteration(*runs[name], batches[r % 2], device)
-            if r:
-                times[name].append(seconds)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        if r:
-            print(f"round {r}: " + "  ".join(f"{n} {1000 * times[n][-1]:.0f} ms" for n in names), flush=True)
-    results = []
-    for name in names:
-        ratios = [b / t for b, t in zip(times["learn2learn"], times[name])]
-        results.append({"path": name, "ms_median": round(1000 * statistics.median(times[name]), 1),
-                        "speedup_vs_learn2learn_median_of_rounds": round(statistics.median(ratios), 3),
-                        "speedup_vs_learn2learn_min": round(min(ratios), 3),
-                        "speedup_vs_learn2learn_max": round(max(ratios), 3),
-                        "minor_page_faults_median": int(statistics.median(faults[name]))})
-        res = results[-1]
-        print(f"{name:20s} {res['ms_median']:8.1f} ms  {res['speedup_vs_learn2learn_median_of_rounds']}x "
+    results = summarise(*alternate(runs, batches, device, rounds))
+    for res in results:
+        print(f"{res['path']:20s} {res['ms_median']:8.1f} ms  {res['speedup_vs_learn2learn_median_of_rounds']}x "
               f"learn2learn ({res['speedup_vs_learn2learn_min']}-{res['speedup_vs_learn2learn_max']})")
     return {"row": row_name, "rounds": rounds, "results": results}
 

@@ -42,9 +42,7 @@ def test_every_path_does_the_arithmetic_of_the_per_task_loop(roofline, steps):
             ("learn2learn",) if bench.available("learn2learn", row) else ()):
         model = bench.make_model(row, torch.device("cpu"))
         if path == "hybrid-without-stem":
-            for m in model.modules():
-                if hasattr(m, "stem"):
-                    m.stem = lambda x: False
+            load_benchmark("bench_stem").without_stem(model)
         fn = bench.meta_step_fn(path.replace("-without-stem", ""), row, model)
         counts[path] = roofline.count_flops(fn, batch)
     # the same convolutions everywhere; conv4's first block on hybrid (metalearn/models/stem.py) adds its
